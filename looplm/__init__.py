@@ -1,0 +1,18 @@
+"""looplm: Ouro-style looped language models (the model library; no DeepSpeed here)."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache import LoopCache
+from .config import LoopLMConfig, preset_config
+from .exits import ExitPolicy, exit_distribution, exit_entropy
+from .model import LoopLMForCausalLM, LoopLMModel, LoopLMOutput
+from .objectives import stage1_loss, stage2_gate_loss, token_cross_entropy
+
+AutoConfig.register("ouro", LoopLMConfig, exist_ok=True)
+AutoModel.register(LoopLMConfig, LoopLMModel, exist_ok=True)
+AutoModelForCausalLM.register(LoopLMConfig, LoopLMForCausalLM, exist_ok=True)
+
+__all__ = [
+    "ExitPolicy", "LoopCache", "LoopLMConfig", "LoopLMForCausalLM", "LoopLMModel", "LoopLMOutput",
+    "exit_distribution", "exit_entropy", "preset_config", "stage1_loss", "stage2_gate_loss", "token_cross_entropy",
+]

@@ -1,0 +1,255 @@
+"""LoopLM: N shared decoder layers run T times, an exit gate after every pass (Ouro layout and
+state-dict names, spec/ouro_format.md).
+
+Two execution modes of the pass loop:
+* full (training, scoring, prefill): every token runs every pass, as the official code does; the
+  exit policy only selects which pass's output a token emits.
+* truncated (decoding after a cached prefix, or `exit_steps` given): a token that has exited stops.
+  Its hidden state, gate and keys/values at deeper passes are copies of its exit pass ("copy-forward",
+  see cache.py). With `exit_skip=True` batch rows whose tokens have all exited are not computed at
+  all, and once every row has exited the remaining passes are not run; with `exit_skip=False` the
+  same result is computed densely (every pass for every token, results of exited tokens discarded).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .attention import build_attention_mask
+from .cache import LoopCache
+from .config import LoopLMConfig
+from .exits import ExitPolicy, exit_distribution, resolve_exit_policy, select_exit_steps
+from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from .objectives import shift_labels, stage1_loss, stage2_gate_loss, token_cross_entropy
+
+
+@dataclass
+class LoopLMModelOutput(ModelOutput):
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # per pass, after the final norm, (B, S, d)
+    gate_logits: torch.Tensor | None = None  # (B, S, T) fp32
+    exit_steps: torch.Tensor | None = None  # (B, S) pass each token emits
+    past_key_values: LoopCache | None = None
+
+
+@dataclass
+class LoopLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, S, V) under the exit policy
+    past_key_values: LoopCache | None = None
+    step_losses: torch.Tensor | None = None  # (T,) mean CE per pass over the targets
+    step_logits: tuple[torch.Tensor, ...] | None = None  # T x (B, S, V), only with output_step_logits
+    exit_probs: torch.Tensor | None = None  # (B, S, T) exit pmf
+    gate_probs: torch.Tensor | None = None  # (B, S, T) sigmoid gate values
+    exit_steps: torch.Tensor | None = None  # (B, S) selected pass (0-indexed)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # per pass, only with output_hidden_states
+
+
+class LoopLMPreTrainedModel(PreTrainedModel):
+    config_class = LoopLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+
+
+class LoopLMModel(LoopLMPreTrainedModel):
+    def __init__(self, config: LoopLMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(config.hidden_size, 1)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        # Token-layer applications run so far (tokens x layers): what early exit saves, made countable.
+        self.layer_token_applications = 0
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                past_key_values: LoopCache | None = None, use_cache=False, num_steps=None,
+                exit_policy: ExitPolicy = ExitPolicy(), exit_steps=None, exit_skip=True) -> LoopLMModelOutput:
+        """Run the passes. num_steps: passes (default total_ut_steps; more = depth extrapolation).
+        exit_steps: (B, S) forced exit pass per token (truncated mode)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S, _ = h.shape
+        T = num_steps or self.config.total_ut_steps
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = LoopCache(self.config.num_hidden_layers, self.config.kv_sharing)
+        if cache is not None:
+            cache.check_steps(T)
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + S, device=h.device)[None]
+        mask = build_attention_mask(S, past_len, attention_mask, position_ids)
+        rope = self.rotary(position_ids, h.dtype)
+        truncate = exit_steps is not None or (past_len > 0 and exit_policy.is_online)
+        skip = truncate and exit_skip
+
+        hiddens, gates, new_kv = [], [], []
+        exited = None  # (B, S) tokens whose exit pass is behind us
+        for t in range(T):
+            rows = None
+            if skip and exited is not None:
+                live = (~exited).any(-1)
+                if not live.all():
+                    rows = live.nonzero().squeeze(-1)
+            if rows is not None and rows.numel() == 0:  # everyone has exited: copy-forward only
+                hiddens.append(hiddens[-1])
+                gates.append(gates[-1])
+                new_kv.append(new_kv[-1])
+                continue
+            step_kv, z = self._pass(h, t, rows, exited, new_kv[-1] if new_kv else None, cache, mask, rope)
+            if exited is not None:
+                z = torch.where(exited[..., None], h, z)
+            h = z
+            hiddens.append(h)
+            gates.append(self.early_exit_gate(h).squeeze(-1).float())
+            new_kv.append(step_kv)
+            if truncate:
+                steps_now = exit_steps if exit_steps is not None else select_exit_steps(
+                    exit_policy, torch.stack(gates, -1), hiddens, T)
+                exited = steps_now <= t
+
+        gate_logits = torch.stack(gates, -1)
+        steps = exit_steps if exit_steps is not None else select_exit_steps(exit_policy, gate_logits, hiddens, T)
+        if cache is not None:
+            cache.append(new_kv, steps if truncate else torch.full_like(steps, T - 1))
+        return LoopLMModelOutput(tuple(hiddens), gate_logits, steps, cache)
+
+    def _pass(self, h, t, rows, exited, last_kv, cache, mask, rope):
+        """One pass over the N layers for batch rows `rows` (None = all). Exited tokens keep the
+        keys/values of their exit pass. Returns the full-batch (k, v) per layer and the new state."""
+        def take(x):
+            return x if rows is None or x.shape[0] == 1 else x[rows]
+
+        z = take(h)
+        r_mask, r_rope = mask.rows(rows), tuple(take(x) for x in rope)
+        r_exited = None if exited is None else take(exited)
+        step_kv = []
+        for l, layer in enumerate(self.layers):
+            past = cache.past(t, l) if cache is not None else None
+            past = None if past is None else tuple(take(x) for x in past)
+            frozen = None if r_exited is None else (r_exited, tuple(take(x) for x in last_kv[l]))
+            z, kv = layer(z, rope=r_rope, mask=r_mask, past=past, frozen=frozen)
+            if rows is not None:
+                kv = tuple(full.index_copy(0, rows, part) for full, part in zip(last_kv[l], kv))
+            step_kv.append(kv)
+            self.layer_token_applications += z.shape[0] * z.shape[1]
+        z = self.norm(z)
+        if rows is not None:
+            z = h.index_copy(0, rows, z)
+        return step_kv, z
+
+
+class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
+    def __init__(self, config: LoopLMConfig):
+        super().__init__(config)
+        self.model = LoopLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward creates its own LoopCache (one slot per pass and layer)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        # Tools that read Ouro checkpoints dispatch on the official architecture name.
+        self.config.architectures = ["OuroForCausalLM"]
+        if kwargs.get("is_main_process", True):
+            self.config.save_pretrained(save_directory)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
+                output_attentions=None, return_dict=None, logits_to_keep=0, output_step_logits=False,
+                num_steps=None, exit_at_step=None, exit_threshold=None, exit_hidden_diff=None,
+                use_weighted_exit=False, exit_steps=None, exit_skip=True, objective=None,
+                num_items_in_batch=None, compute_logits=None) -> LoopLMOutput:
+        """Forward with per-pass outputs.
+
+        Exit policy (priority): exit_at_step > exit_hidden_diff > exit_threshold > use_weighted_exit >
+        config (early_exit_step, early_exit_hidden_diff, early_exit_threshold). num_steps: passes to run.
+        labels: (B, S) token ids, shifted inside, -100 ignored; the loss is `objective` (config default):
+        "stage1" = sum_t p_t CE_t - beta H(p) averaged over targets (or divided by num_items_in_batch),
+        "stage2" = the gate-only BCE objective (no gradient reaches the LM).
+        compute_logits: default False when training with labels (the loss never needs them).
+        """
+        if output_attentions:
+            raise ValueError("output_attentions is not supported by LoopLM (SDPA/FlashAttention never form them)")
+        use_cache = (self.config.use_cache if use_cache is None else use_cache) and labels is None
+        policy = resolve_exit_policy(self.config, exit_at_step, exit_threshold, exit_hidden_diff, use_weighted_exit)
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                         num_steps=num_steps, exit_policy=policy, exit_steps=exit_steps, exit_skip=exit_skip)
+        hiddens, gate_logits = out.hidden_states, out.gate_logits
+        exit_probs = exit_distribution(gate_logits)
+
+        loss = step_losses = None
+        if labels is not None:
+            loss, step_losses = self._loss(hiddens, gate_logits, labels, objective or self.config.objective,
+                                           num_items_in_batch)
+
+        logits = None
+        if compute_logits if compute_logits is not None else (labels is None or not self.training):
+            keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+            if policy.kind == "weighted":  # lm_head is linear: the mixture of logits is the head of the mixture
+                h = (torch.stack(hiddens, -1)[:, keep] * exit_probs[:, keep, None].to(hiddens[0].dtype)).sum(-1)
+            else:
+                stacked = torch.stack([x[:, keep] for x in hiddens], 2)  # (B, S', T, d)
+                idx = out.exit_steps[:, keep, None, None].expand(-1, -1, 1, stacked.shape[-1])
+                h = stacked.gather(2, idx).squeeze(2)
+            logits = self.lm_head(h)
+
+        return LoopLMOutput(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, step_losses=step_losses,
+            step_logits=tuple(self.lm_head(x) for x in hiddens) if output_step_logits else None,
+            exit_probs=exit_probs, gate_probs=torch.sigmoid(gate_logits), exit_steps=out.exit_steps,
+            hidden_states=hiddens if output_hidden_states else None,
+        )
+
+    def _loss(self, hiddens, gate_logits, labels, objective, num_items_in_batch):
+        targets = shift_labels(labels)
+        mask = targets != -100
+        chunk = self.config.ce_chunk_size
+        if objective == "stage1":
+            step_ce = torch.stack([token_cross_entropy(h, self.lm_head.weight, targets, chunk) for h in hiddens], -1)
+            loss = stage1_loss(step_ce, gate_logits, mask, self.config.entropy_beta, num_items_in_batch)
+        elif objective == "stage2":
+            # The LM is frozen in stage II: per-pass CE without graph, the gate re-read on detached states.
+            with torch.no_grad():
+                step_ce = torch.stack([token_cross_entropy(h, self.lm_head.weight, targets, chunk) for h in hiddens], -1)
+            gate = self.model.early_exit_gate(torch.stack(hiddens, 2).detach()).squeeze(-1)
+            loss = stage2_gate_loss(step_ce, gate, mask, self.config.stage2_k, self.config.stage2_gamma)
+        else:
+            raise ValueError(f"objective={objective!r} is unknown; use 'stage1' or 'stage2'")
+        step_losses = (step_ce.detach() * mask[..., None]).sum((0, 1)) / mask.sum().clamp_min(1)
+        return loss, step_losses
