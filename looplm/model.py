@@ -54,9 +54,6 @@ class LoopLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
 
-    def _init_weights(self, module):
-        super()._init_weights(module)
-
 
 class LoopLMModel(LoopLMPreTrainedModel):
     def __init__(self, config: LoopLMConfig):
@@ -205,7 +202,9 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         """
         if output_attentions:
             raise ValueError("output_attentions is not supported by LoopLM (SDPA/FlashAttention never form them)")
-        use_cache = (self.config.use_cache if use_cache is None else use_cache) and labels is None
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        use_cache = use_cache and labels is None
         policy = resolve_exit_policy(self.config, exit_at_step, exit_threshold, exit_hidden_diff, use_weighted_exit)
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,

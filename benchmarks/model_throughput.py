@@ -1,0 +1,145 @@
+"""Model benchmarks (not tests): one run, ours vs a reference, ratios printed.
+
+1. Training step (forward + backward of the stage-I loss): looplm's chunked per-pass CE against a
+   plain reference that materialises all T logit tensors (same model, same weights, same batch).
+   Tokens/s and peak memory (CUDA: max allocated; CPU: peak RSS growth of a fresh process).
+2. Decoding: tokens/s at full depth vs early exit with a CDF threshold that gives about half the
+   passes (threshold calibrated on the prompt), same prompts, KV cache on.
+
+    python benchmarks/model_throughput.py                       # CPU-sized defaults
+    python benchmarks/model_throughput.py --preset ouro-1.4b --seq 4096 --batch 1 --device cuda --dtype bfloat16
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+
+from looplm import LoopLMForCausalLM, preset_config
+from looplm.objectives import shift_labels, stage1_loss
+
+
+def build(args):
+    if args.preset == "tiny":
+        config = preset_config("tiny", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                               num_attention_heads=args.hidden // 32, num_key_value_heads=args.hidden // 32,
+                               head_dim=32, num_hidden_layers=args.layers, total_ut_steps=args.steps,
+                               ce_chunk_size=args.ce_chunk)
+    else:
+        config = preset_config(args.preset, ce_chunk_size=args.ce_chunk)
+    torch.manual_seed(0)
+    return LoopLMForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def reference_loss(model, ids):
+    """The naive way: every pass's full (B, S, V) logits kept alive for backward."""
+    out = model.model(input_ids=ids)
+    targets = shift_labels(ids)
+    step_logits = [model.lm_head(h) for h in out.hidden_states]
+    ce = torch.stack([F.cross_entropy(lg.float().flatten(0, 1), targets.flatten(), reduction="none",
+                                      ignore_index=-100).view_as(targets) for lg in step_logits], -1)
+    return stage1_loss(ce, out.gate_logits, targets != -100, model.config.entropy_beta)
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def train_worker(args, variant, queue):
+    model = build(args).train()
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
+    step = (lambda: model(ids, labels=ids).loss) if variant == "looplm" else (lambda: reference_loss(model, ids))
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = current_rss()
+    step().backward()  # warm-up (counts towards the peak: it is the same step)
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        step().backward()
+        model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    queue.put({"tokens_per_s": args.iters * args.batch * args.seq / seconds, "peak_mib": (peak - base) / 2**20})
+
+
+def run_isolated(args, variant):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=train_worker, args=(args, variant, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+@torch.no_grad()
+def decode_bench(args):
+    model = build(args).eval()
+    T = model.config.total_ut_steps
+    prompt = torch.randint(0, model.config.vocab_size, (args.decode_batch, 32), device=args.device)
+    cdf = torch.cumsum(model(prompt, use_cache=False).exit_probs, -1)[..., :-1].flatten(0, 1)  # (tokens, T-1)
+    lo, hi = 0.0, 1.0
+    for _ in range(30):  # bisect q so that the mean number of passes is T/2
+        q = (lo + hi) / 2
+        passes = torch.where((cdf >= q).any(-1), (cdf >= q).float().argmax(-1) + 1, torch.full_like(cdf[:, 0], T))
+        lo, hi = (q, hi) if passes.float().mean() < T / 2 else (lo, q)
+    results = {}
+    for name, kw in (("full_depth", {"exit_threshold": 1.0}), ("early_exit", {"exit_threshold": q})):
+        model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **kw)  # warm-up
+        model.model.layer_token_applications = 0
+        start = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                             do_sample=False, pad_token_id=0, **kw)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        new = out.shape[0] * (out.shape[1] - prompt.shape[1])
+        prefill = prompt.numel() * T * model.config.num_hidden_layers
+        passes = (model.model.layer_token_applications - prefill) / model.config.num_hidden_layers / (new - out.shape[0])
+        results[name] = {"tokens_per_s": new / seconds, "mean_passes_per_decoded_token": passes}
+    results["early_exit"]["threshold"] = q
+    results["speedup"] = results["early_exit"]["tokens_per_s"] / results["full_depth"]["tokens_per_s"]
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="tiny (sized by the flags below), ouro-1.4b or ouro-2.6b")
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4, help="T, passes per token")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--ce-chunk", type=int, default=2048, help="tokens per chunk of the per-pass LM head + CE")
+    p.add_argument("--decode-batch", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    args = p.parse_args()
+    ours, ref = run_isolated(args, "looplm"), run_isolated(args, "reference")
+    report = {
+        "config": vars(args),
+        "train": {"looplm": ours, "reference_all_logits": ref,
+                  "speed_ratio": ours["tokens_per_s"] / ref["tokens_per_s"],
+                  "memory_ratio": ours["peak_mib"] / ref["peak_mib"]},
+        "decode": decode_bench(args),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""KV cache per (pass, layer), sharing modes, early exit that skips compute, batched generation."""
+
+import pytest
+import torch
+
+from helpers.models import tiny_model
+from looplm import LoopCache
+
+
+def greedy(model, ids, n=6, **kw):
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0, **kw)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@torch.no_grad()
+def test_cached_generation_equals_uncached_recomputation():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 7))
+    seq, logits = greedy(model, ids, use_cache=True)
+    seq_nc, logits_nc = greedy(model, ids, use_cache=False)
+    assert torch.equal(seq, seq_nc)
+    torch.testing.assert_close(logits, logits_nc, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sharing", ["last", "mean"])
+@torch.no_grad()
+def test_shared_cache_collapses_the_prefill_as_documented(sharing):
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 8))
+    full, shared = LoopCache(2, "none"), LoopCache(2, sharing)
+    out_full = model(ids, past_key_values=full, use_cache=True)
+    out_shared = model(ids, past_key_values=shared, use_cache=True)
+    torch.testing.assert_close(out_shared.logits, out_full.logits)  # prefill itself uses every pass's keys
+    T, N = 4, 2
+    assert len(shared.keys) == N and len(full.keys) == N * T
+    assert full.memory_bytes() == T * shared.memory_bytes()
+    for l in range(N):
+        per_pass = torch.stack([full.keys[t * N + l] for t in range(T)])
+        expected = per_pass[-1] if sharing == "last" else per_pass.mean(0)
+        torch.testing.assert_close(shared.keys[l], expected)
+
+
+@pytest.mark.parametrize("sharing", ["none", "last", "mean"])
+@torch.no_grad()
+def test_every_sharing_mode_equals_recomputation_when_there_is_one_pass(sharing):
+    model = tiny_model(total_ut_steps=1, kv_sharing=sharing)
+    ids = torch.randint(0, 256, (2, 5))
+    seq, logits = greedy(model, ids)
+    seq_nc, logits_nc = greedy(model, ids, use_cache=False)
+    assert torch.equal(seq, seq_nc)
+    torch.testing.assert_close(logits, logits_nc, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sharing", ["last", "mean"])
+@torch.no_grad()
+def test_shared_cache_decodes_with_a_quarter_of_the_memory(sharing):
+    model = tiny_model()
+    ids = torch.randint(0, 256, (1, 6))
+    caches = {m: LoopCache(2, m) for m in ("none", sharing)}
+    for mode, cache in caches.items():
+        seq, logits = greedy(model, ids, past_key_values=cache)
+        assert torch.isfinite(logits).all() and seq.shape == (1, 12)
+    assert caches["none"].memory_bytes() == 4 * caches[sharing].memory_bytes()
+
+
+@torch.no_grad()
+def test_early_exit_skips_passes_and_equals_dense_selection():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (1, 6))
+    n, N, T = 12, 2, 4
+    runs = {}
+    for skip in (True, False):
+        cache = LoopCache(N)
+        model.model.layer_token_applications = 0
+        seq, logits = greedy(model, ids, n=n, exit_threshold=0.5, exit_skip=skip, past_key_values=cache)
+        runs[skip] = seq, logits, cache, model.model.layer_token_applications
+    (seq, logits, cache, used), (seq_d, logits_d, cache_d, used_d) = runs[True], runs[False]
+    assert torch.equal(seq, seq_d)
+    torch.testing.assert_close(logits, logits_d, atol=1e-5, rtol=1e-5)
+    decoded = cache.exit_steps[0, 6:]
+    assert (decoded < T - 1).any(), "threshold 0.5 should make some tokens exit early"
+    # the prompt runs every pass; each decoded token runs exit_step + 1 passes of N layers
+    assert used_d == N * T * (6 + n - 1)
+    assert used == N * T * 6 + N * int((decoded + 1).sum())
+    assert used < used_d
+
+
+@torch.no_grad()
+def test_copy_forward_fills_the_deeper_slots_of_exited_tokens_consistently():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (1, 5))
+    cache = LoopCache(2)
+    seq, logits = greedy(model, ids, n=10, exit_threshold=0.5, past_key_values=cache)
+    steps = cache.exit_steps[0]
+    N, T = 2, 4
+    for pos in range(5, steps.shape[0]):
+        e = int(steps[pos])
+        for l in range(N):
+            for t in range(e + 1, T):
+                assert torch.equal(cache.keys[t * N + l][0, :, pos], cache.keys[e * N + l][0, :, pos])
+                assert torch.equal(cache.values[t * N + l][0, :, pos], cache.values[e * N + l][0, :, pos])
+    # An uncached recomputation of the whole sequence with the same per-token exits gives the same logits.
+    full = model(seq[:, :-1], use_cache=False, exit_steps=steps[None], exit_skip=False)
+    torch.testing.assert_close(full.logits[:, 4:], logits, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_fixed_depth_decoding_runs_only_that_many_passes():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 4))
+    model.model.layer_token_applications = 0
+    seq, logits = greedy(model, ids, n=5, exit_at_step=1)
+    # prefill: 2 rows x 4 tokens x all 4 passes x 2 layers; decode: 4 steps x 2 rows x 2 passes x 2 layers
+    assert model.model.layer_token_applications == 2 * 4 * 4 * 2 + 4 * 2 * 2 * 2
+    ref = model(seq[:, :-1], use_cache=False, exit_at_step=1)
+    torch.testing.assert_close(ref.logits[:, 3:], logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [{}, {"exit_threshold": 0.5}, {"past_key_values": "mean"}])
+@torch.no_grad()
+def test_batched_generation_with_padding_equals_one_by_one(kw):
+    model = tiny_model()
+    prompts = [torch.randint(1, 256, (n,)) for n in (3, 7, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+
+    def extra():
+        return {**kw, "past_key_values": LoopCache(2, kw["past_key_values"])} if "past_key_values" in kw else kw
+
+    seq, logits = greedy(model, ids, n=8, attention_mask=mask, **extra())
+    for i, p in enumerate(prompts):
+        alone, alone_logits = greedy(model, p[None], n=8, **extra())
+        assert torch.equal(seq[i, width:], alone[0, len(p):]), i
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,114 @@
+"""Exit distribution, stage-I and stage-II objectives and chunked CE against independent computations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.models import tiny_model
+from looplm import exit_distribution, exit_entropy, token_cross_entropy
+
+
+def test_exit_distribution_matches_the_survival_formula():
+    g = torch.randn(3, 5, 4) * 3
+    p = exit_distribution(g)
+    lam = torch.sigmoid(g)
+    survival = torch.ones(3, 5)
+    for t in range(4):
+        expected = survival if t == 3 else lam[..., t] * survival
+        torch.testing.assert_close(p[..., t], expected)
+        survival = survival * (1 - lam[..., t])
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, 5))
+
+
+def test_exit_distribution_is_fp32_and_saturation_safe():
+    g = torch.full((2, 3), 40.0, dtype=torch.bfloat16)  # sigmoid rounds to 1 in bf16
+    p = exit_distribution(g)
+    assert p.dtype == torch.float32 and torch.isfinite(exit_entropy(p)).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(2))
+
+
+def _per_token_ce(step_logits, labels):
+    """Independent per-pass CE: HF shift, mean over the real targets."""
+    return [F.cross_entropy(lg[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="none")
+            for lg in step_logits]
+
+
+def test_stage1_loss_equals_independent_recomputation():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 10))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out = model(ids, labels=labels, output_step_logits=True, use_cache=False)
+    ce = torch.stack(_per_token_ce(out.step_logits, labels), -1)  # (B*(S-1), T)
+    lam = out.gate_probs[:, :-1].flatten(0, 1).double()
+    T = ce.shape[-1]
+    p, survival = [], torch.ones(lam.shape[0], dtype=torch.float64)
+    for t in range(T):
+        p.append(survival if t == T - 1 else lam[:, t] * survival)
+        survival = survival * (1 - lam[:, t])
+    p = torch.stack(p, -1)
+    keep = labels[:, 1:].flatten() != -100
+    per_token = (p * ce.double()).sum(-1) + model.config.entropy_beta * (p * p.log()).sum(-1)
+    torch.testing.assert_close(out.loss.double(), per_token[keep].mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.step_losses, ce[keep].mean(0), atol=1e-5, rtol=1e-5)
+    assert out.loss.requires_grad
+
+
+def test_stage2_loss_equals_independent_recomputation_and_only_trains_the_gate():
+    model = tiny_model().train()
+    ids = torch.randint(0, 256, (2, 9))
+    out = model(ids, labels=ids, objective="stage2", output_step_logits=True, use_cache=False)
+    ce = torch.stack(_per_token_ce(out.step_logits, ids), -1).double()
+    lam = out.gate_probs[:, :-1].flatten(0, 1).double()
+    k, gamma, T = model.config.stage2_k, model.config.stage2_gamma, ce.shape[-1]
+    total = 0.0
+    for t in range(1, T):  # paper steps 2..T
+        w = torch.sigmoid(k * ((ce[:, t - 1] - ce[:, t]).clamp_min(0) - gamma))
+        bce = -(w * torch.log(1 - lam[:, t]) + (1 - w) * torch.log(lam[:, t]))
+        total = total + bce.mean()
+    torch.testing.assert_close(out.loss.double(), total / T, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == name.startswith("model.early_exit_gate"), name
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_chunked_cross_entropy_equals_unchunked(chunk):
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 7))
+    targets[1, 2:] = -100
+    ce = token_cross_entropy(hidden, weight, targets, chunk)
+    ref = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    torch.testing.assert_close(ce, ref.view(2, 7))
+    g = torch.randn(2, 7)
+    grads = torch.autograd.grad((ce * g).sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad((ref.view(2, 7) * g).sum(), (hidden, weight))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_loss_with_global_token_count_accumulates_exactly():
+    """Two micro-batches normalised by the global target count sum to the full-batch loss."""
+    model = tiny_model()
+    ids = torch.randint(0, 256, (4, 8))
+    labels = ids.clone()
+    labels[1, :5] = -100
+    full = model(ids, labels=labels, use_cache=False).loss
+    n = int((labels[:, 1:] != -100).sum())
+    parts = [model(ids[i:i + 2], labels=labels[i:i + 2], num_items_in_batch=n, use_cache=False).loss for i in (0, 2)]
+    torch.testing.assert_close(sum(parts), full)
+
+
+def test_training_forward_skips_logits_and_checkpointing_keeps_gradients():
+    model = tiny_model().train()
+    ids = torch.randint(0, 256, (2, 8))
+    out = model(ids, labels=ids)
+    assert out.logits is None  # training with labels never materialises logits
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)
