@@ -73,7 +73,7 @@ def test_packed_documents_equal_documents_run_separately():
     for doc, sl in ((a, slice(0, 7)), (b, slice(7, 12))):
         alone = model(doc, use_cache=False, output_step_logits=True)
         for t in range(4):
-            torch.testing.assert_close(out.step_logits[t][:, sl], alone.step_logits[t], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.step_logits[t][:, sl], alone.step_logits[t], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out.gate_probs[:, sl], alone.gate_probs, atol=1e-6, rtol=0)
 
 

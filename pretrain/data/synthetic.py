@@ -1,0 +1,160 @@
+"""The embedded default corpus: synthetic reasoning tasks generated in code (spec/ouro.md section 6),
+so the smoke run needs no download and trains something whose accuracy can be measured per depth.
+
+* Mano: modular arithmetic over F_23 written in prefix notation, answer given directly:
+  "mano 3 : + * 3 5 - 7 2 = 20". The operator count l ~ U{1..L}; the operator budget of a node is split
+  uniformly at random between its subtrees. Held-out evaluation uses l = L only, as the paper does.
+* Multi-hop facts: entities in K layers, each linked by every relation to an entity of the next layer.
+  Training holds every 1-hop fact ("the teacher of bako is tiru .") and part of the 2-hop questions
+  ("who is the teacher of the friend of bako ? tiru"); evaluation asks held-out 2-hop questions.
+
+    python -m pretrain.data.synthetic --output data/default   # corpus + tokenizer + indexed files
+"""
+
+import argparse
+import itertools
+import json
+import random
+from pathlib import Path
+
+from .errors import cli_main
+
+MODULUS = 23
+OPS = {"+": lambda a, b: (a + b) % MODULUS, "-": lambda a, b: (a - b) % MODULUS, "*": lambda a, b: (a * b) % MODULUS}
+RELATIONS = ["teacher", "friend", "boss", "mentor", "neighbor", "partner"]
+
+
+def mano_tree(rng: random.Random, ops: int) -> tuple[list[str], int]:
+    """A random expression with `ops` operators: (prefix tokens, value mod 23)."""
+    if ops == 0:
+        leaf = rng.randrange(MODULUS)
+        return [str(leaf)], leaf
+    op = rng.choice(sorted(OPS))
+    left_ops = rng.randint(0, ops - 1)
+    left, a = mano_tree(rng, left_ops)
+    right, b = mano_tree(rng, ops - 1 - left_ops)
+    return [op] + left + right, OPS[op](a, b)
+
+
+def mano_example(rng: random.Random, max_ops: int, ops: int | None = None) -> tuple[str, str]:
+    """(prompt, answer); prompt + " " + answer is the training document."""
+    ops = ops if ops is not None else rng.randint(1, max_ops)
+    tokens, value = mano_tree(rng, ops)
+    return f"mano {ops} : {' '.join(tokens)} =", str(value)
+
+
+def entity_names(count: int, seed: int) -> list[str]:
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    names = sorted({a + b for a, b in itertools.product(syllables, repeat=2)})
+    random.Random(seed).shuffle(names)
+    return names[:count]
+
+
+def multihop_world(seed: int, layers: int = 4, per_layer: int = 16, relations: int = 4):
+    """(entity layers, facts {(relation, entity): entity}, relation names)."""
+    rng = random.Random(seed)
+    names = entity_names(layers * per_layer, seed)
+    layer_of = [names[i * per_layer:(i + 1) * per_layer] for i in range(layers)]
+    rels = RELATIONS[:relations]
+    facts = {(r, e): rng.choice(layer_of[i + 1]) for i in range(layers - 1) for e in layer_of[i] for r in rels}
+    return layer_of, facts, rels
+
+
+def two_hop_questions(world) -> list[tuple[str, str]]:
+    layer_of, facts, rels = world
+    out = []
+    for i in range(len(layer_of) - 2):
+        for e in layer_of[i]:
+            for r1, r2 in itertools.product(rels, rels):  # "the r2 of the r1 of e"
+                out.append((f"who is the {r2} of the {r1} of {e} ?", facts[(r2, facts[(r1, e)])]))
+    return out
+
+
+def default_corpus(seed: int = 0, mano_train: int = 20000, mano_eval: int = 200, max_ops: int = 3,
+                   qa_train_fraction: float = 0.5, qa_eval: int = 200):
+    """(training documents, {task: [(prompt, answer)]}); deterministic in its arguments."""
+    rng = random.Random(seed)
+    docs = [" ".join(mano_example(rng, max_ops)) for _ in range(mano_train)]
+    evals = {"mano": [mano_example(rng, max_ops, ops=max_ops) for _ in range(mano_eval)]}
+    world = multihop_world(seed)
+    _, facts, _ = world
+    docs += [f"the {r} of {e} is {target} ." for (r, e), target in sorted(facts.items())]
+    questions = two_hop_questions(world)
+    rng.shuffle(questions)
+    n_train = int(len(questions) * qa_train_fraction)
+    docs += [f"{q} {a}" for q, a in questions[:n_train]]
+    evals["multihop"] = questions[n_train:n_train + qa_eval]
+    rng.shuffle(docs)
+    # Prompts held out for evaluation never appear verbatim in training.
+    seen = set(docs)
+    evals = {task: [(p, a) for p, a in items if f"{p} {a}" not in seen] for task, items in evals.items()}
+    return docs, evals
+
+
+def first_word(text: str) -> str:
+    words = text.split()
+    return words[0] if words else ""
+
+
+def exact_match(completions: list[str], answers: list[str]) -> float:
+    """Fraction of completions whose first word equals the answer (both tasks answer with one word)."""
+    if not answers:
+        return 0.0
+    return sum(first_word(c) == a for c, a in zip(completions, answers)) / len(answers)
+
+
+def write_default_corpus(out_dir: str | Path, seed: int = 0, **kwargs) -> dict:
+    """Write train.jsonl ({"text"}) and eval_<task>.jsonl ({"prompt", "answer"}); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    docs, evals = default_corpus(seed, **kwargs)
+    written = {"train": out / "train.jsonl"}
+    with open(written["train"], "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    for task, items in evals.items():
+        written[task] = out / f"eval_{task}.jsonl"
+        with open(written[task], "w") as f:
+            f.writelines(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in items)
+    return written
+
+
+def read_eval(path: str | Path) -> list[tuple[str, str]]:
+    with open(path) as f:
+        return [(r["prompt"], r["answer"]) for r in map(json.loads, f)]
+
+
+def prepare_default_corpus(out_dir: str | Path, seed: int = 0, vocab_size: int = 256, workers: int = 1,
+                           progress: bool = False, **kwargs) -> dict:
+    """Corpus, sentencepiece tokenizer and indexed files in `out_dir`; skips what already exists."""
+    from .ingest import ingest
+    from .tokenizer import read_texts, train_sentencepiece
+
+    out = Path(out_dir)
+    files = write_default_corpus(out, seed, **kwargs)
+    files["tokenizer"] = out / "tokenizer.model"
+    if not files["tokenizer"].exists():
+        train_sentencepiece(read_texts(files["train"], "text"), files["tokenizer"], vocab_size)
+    files["data"] = out / "train"
+    if not (out / "train.idx").exists():
+        ingest([str(files["train"])], files["tokenizer"], files["data"], workers=workers, progress=progress)
+    return files
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--mano-train", type=int, default=20000)
+    p.add_argument("--max-ops", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args(argv)
+    files = prepare_default_corpus(args.output, args.seed, args.vocab_size, args.workers, progress=True,
+                                   mano_train=args.mano_train, max_ops=args.max_ops)
+    for name, path in files.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
