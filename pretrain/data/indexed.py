@@ -111,7 +111,7 @@ class IndexedDataset:
         self.bin_path, self.idx_path = paths(prefix)
         for p in (self.idx_path, self.bin_path):
             if not p.exists():
-                raise DataError(f"indexed dataset file {p} does not exist; run `python -m pretrain.data.ingest` "
+                raise DataError(f"indexed dataset file {p} does not exist; run `python -m pretrain.data ingest` "
                                 "to create it (an .idx appears only when ingestion finished)")
         with open(self.idx_path, "rb") as f:
             head = f.read(16)
@@ -189,6 +189,3 @@ def main(argv=None):
 
     run(argv)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Ingestion: documents from `datasets` sources -> tokenized in worker processes -> PREFIX.bin/.idx.
 
-    python -m pretrain.data.ingest --input data/*.jsonl --tokenizer TOK --output data/train [--workers 4]
+    python -m pretrain.data ingest --input data/*.jsonl --tokenizer TOK --output data/train [--workers 4]
 
 Inputs: local .json/.jsonl/.parquet/.txt files, folders of them (one file type per folder), or a hub
 dataset name where a network exists. Files are read one at a time in streaming mode, so memory
@@ -152,6 +152,3 @@ def main(argv=None):
     print(f"wrote {args.output}.bin/.idx: {h['num_docs']} documents, {h['num_tokens']} tokens "
           f"({h['dtype']}), {h['empty_documents']} empty documents skipped")
 
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ so the smoke run needs no download and trains something whose accuracy can be me
   Training holds every 1-hop fact ("the teacher of bako is tiru .") and part of the 2-hop questions
   ("who is the teacher of the friend of bako ? tiru"); evaluation asks held-out 2-hop questions.
 
-    python -m pretrain.data.synthetic --output data/default   # corpus + tokenizer + indexed files
+    python -m pretrain.data synthetic --output data/default   # corpus + tokenizer + indexed files
 """
 
 import argparse
@@ -155,6 +155,3 @@ def main(argv=None):
     for name, path in files.items():
         print(f"{name}: {path}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Tokenizers from a local path: a Hugging Face tokenizer folder or a sentencepiece model, behind one
 small interface; plus training a sentencepiece model on a corpus.
 
-    python -m pretrain.data.tokenizer --input corpus.jsonl [--text-field text] --vocab-size 512 --output tok.model
+    python -m pretrain.data train-tokenizer --input corpus.jsonl [--text-field text] --vocab-size 512 --output tok.model
 """
 
 import argparse
@@ -117,6 +117,3 @@ def main(argv=None):
     tok = train_sentencepiece(read_texts(args.input, args.text_field), args.output, args.vocab_size, args.model_type)
     print(f"wrote {args.output}: {tok.vocab_size} pieces, eos id {tok.eos_id}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,23 @@
+"""Data-pipeline commands: python -m pretrain.data {ingest,train-tokenizer,inspect,synthetic} [args]"""
+
+import sys
+
+from .indexed import main as inspect_main
+from .ingest import main as ingest_main
+from .synthetic import main as synthetic_main
+from .tokenizer import main as tokenizer_main
+
+COMMANDS = {"ingest": ingest_main, "train-tokenizer": tokenizer_main, "inspect": inspect_main,
+            "synthetic": synthetic_main}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        raise SystemExit(2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
