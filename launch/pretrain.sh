@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+"true" '''\'
+# looplm pretraining launcher: one file, two roles.
+#
+#  * As a shell script on a head node:  bash launch/pretrain.sh CONFIG [section.key=value ...]
+#    builds the deepspeed command from the config's `launch:` section and the environment
+#    (HOSTFILE, NUM_NODES, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT override it) and runs it.
+#  * As the program the DeepSpeed runner starts on every rank:
+#        deepspeed [--hostfile H] [--num_nodes N] [--num_gpus G] launch/pretrain.sh --config CONFIG [overrides]
+#    The runner executes this file with Python (the first line above is a no-op string in Python
+#    and `true` in the shell), which runs pretrain.train.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+if [ "$#" -lt 1 ] || [ "${1#-}" != "$1" ]; then
+  echo "usage: bash launch/pretrain.sh CONFIG [section.key=value ...]" >&2
+  echo "   or: deepspeed [runner flags] launch/pretrain.sh --config CONFIG [section.key=value ...]" >&2
+  exit 2
+fi
+config="$1"; shift
+python="${PYTHON:-$( [ -x "$repo/.venv/bin/python" ] && echo "$repo/.venv/bin/python" || echo python3 )}"
+mapfile -t runner_flags < <(cd "$repo" && "$python" -m pretrain.launch_flags "$config" "$@")
+deepspeed="$(dirname "$python")/deepspeed"
+[ -x "$deepspeed" ] || deepspeed=deepspeed
+cd "$repo"
+set -x
+exec "$deepspeed" "${runner_flags[@]}" launch/pretrain.sh --config "$config" "$@"
+'''
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pretrain.train import main  # noqa: E402
+
+main(sys.argv[1:])

@@ -1,0 +1,270 @@
+"""Run configuration: YAML files + dotted command-line overrides, validated at start.
+
+A run config has the sections below; every key has a type and a default, unknown keys and wrong
+types fail with an error naming the dotted key. The DeepSpeed config is derived from it (`deepspeed_config`),
+with an optional `deepspeed:` block of extra standard DeepSpeed keys that must not restate derived ones.
+
+    python -m pretrain.train --config configs/smoke.yaml train.max_steps=10 optim.lr=1e-3
+"""
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad run config: the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # looplm preset (tiny, ouro-1.4b, ouro-2.6b) the overrides apply to
+    init_from: str | None = None  # a Hugging Face/Ouro folder to start from instead of random weights
+    overrides: dict = field(default_factory=dict)  # any LoopLMConfig key (total_ut_steps, vocab_size, ...)
+
+
+@dataclass
+class DataConfig:
+    blend: typing.Any = None  # "w1 prefix1 w2 prefix2" or [{weight, path}]; None = the embedded default corpus
+    default_corpus_dir: str = "data/default"  # where the embedded corpus is generated when blend is None
+    tokenizer: str | None = None  # tokenizer of the indexed files (checked against their header)
+    seq_len: int = 4096
+    valid_fraction: float = 0.01
+    seed: int = 1234
+    on_exhaust: str = "wrap"  # wrap (reshuffled epochs) or stop
+    num_workers: int = 0
+    eval_tasks_dir: str | None = None  # eval_<task>.jsonl files for exact-match accuracy per depth
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final LR / peak LR at the end of the decay
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "wsd"  # wsd (warmup-stable-decay), cosine, constant
+    warmup_steps: int = 1000
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays to min_lr
+
+
+@dataclass
+class OuroConfig:
+    objective: str = "stage1"  # stage1 (LM + gate) or stage2 (gate only, LM frozen)
+    beta_schedule: list = field(default_factory=list)  # [[from_step, beta], ...]; empty = model's entropy_beta
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    global_batch: int = 8  # sequences per optimizer step over all ranks
+    micro_batch: int = 1  # sequences per rank per forward
+    zero_stage: int = 2
+    bf16: bool = True
+    activation_checkpointing: bool = False
+    seed: int = 1234
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest complete checkpoint in output_dir), none, or a checkpoint folder
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 8
+    eval_max_prompts: int = 200
+    spike_factor: float = 3.0  # a loss above factor x the recent mean is a spike (skipped); 0 disables
+    spike_window: int = 20
+    max_bad_steps: int = 5  # abort after this many consecutive skipped steps
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "looplm"
+    wandb_mode: str = "offline"  # offline never needs a network; online syncs
+    run_name: str | None = None
+    peak_tflops: float = 989.0  # per device, dense bf16 (H100 SXM); used for MFU
+
+
+@dataclass
+class LaunchConfig:
+    num_nodes: int = 1
+    gpus_per_node: int | None = None  # None = all the node has
+    hostfile: str | None = None
+    master_port: int = 29500
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection, to test the guards: a NaN loss at these steps, SIGKILL at a step."""
+
+    nan_at_steps: list = field(default_factory=list)
+    kill_at_step: int | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ouro: OuroConfig = field(default_factory=OuroConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    deepspeed: dict = field(default_factory=dict)  # extra standard DeepSpeed config keys
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, value, annotation):
+    """Coerce int -> float where a float is expected; raise ConfigError on a mismatch."""
+    if annotation is typing.Any:
+        return value
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if union else (annotation,)
+    for opt in options:
+        if opt is type(None) and value is None:
+            return None
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if opt in (int, str, bool, list, dict) and isinstance(value, opt) and not (opt is int and isinstance(value, bool)):
+            return value
+    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise ConfigError(f"config key {key}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.')} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known keys in "
+                          f"{prefix.rstrip('.') or 'the top level'}: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(prefix + name, value, hint)
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply "a.b.c=value" (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err})") from err
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    tree = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    tree = copy.deepcopy(tree)
+    for override in overrides:
+        apply_override(tree, override)
+    cfg = _build(RunConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Cross-key checks; with world_size, also the batch arithmetic."""
+    from looplm.config import LoopLMConfig, preset_config
+
+    t, o = cfg.train, cfg.optim
+    checks = [
+        (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3"),
+        (t.max_steps > 0, "train.max_steps", "must be positive"),
+        (t.micro_batch > 0 and t.global_batch > 0, "train.global_batch", "batch sizes must be positive"),
+        (t.save_every > 0 and t.keep_last > 0, "train.save_every", "save_every and keep_last must be positive"),
+        (o.schedule in ("wsd", "cosine", "constant"), "optim.schedule", f"{o.schedule!r}: use wsd, cosine or constant"),
+        (0 <= o.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]"),
+        (cfg.ouro.objective in ("stage1", "stage2"), "ouro.objective", f"{cfg.ouro.objective!r}: use stage1 or stage2"),
+        (cfg.data.on_exhaust in ("wrap", "stop"), "data.on_exhaust", f"{cfg.data.on_exhaust!r}: use wrap or stop"),
+        (cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", "use offline, online or disabled"),
+        (len(o.betas) == 2, "optim.betas", "needs two values [beta1, beta2]"),
+        (t.resume in ("auto", "none") or Path(t.resume).exists(), "train.resume",
+         f"{t.resume!r}: use auto, none or an existing checkpoint folder"),
+    ]
+    for ok, key, problem in checks:
+        if not ok:
+            raise ConfigError(f"config key {key}: {problem}")
+    for entry in cfg.ouro.beta_schedule:
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise ConfigError(f"config key ouro.beta_schedule: entries are [from_step, beta], got {entry!r}")
+    known = set(LoopLMConfig.__init__.__code__.co_varnames) | {"bos_token_id", "eos_token_id", "pad_token_id"}
+    for key in cfg.model.overrides:
+        if key not in known:
+            raise ConfigError(f"unknown config key model.overrides.{key}; it must be a LoopLMConfig key")
+    if cfg.model.init_from is None:
+        try:
+            preset_config(cfg.model.preset, **cfg.model.overrides)
+        except ValueError as err:
+            raise ConfigError(f"config key model: {err}") from err
+    derived = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "bf16", "optimizer", "scheduler"}
+    clash = derived & set(cfg.deepspeed)
+    if clash:
+        raise ConfigError(f"config key deepspeed.{sorted(clash)[0]} restates a derived setting; set it through "
+                          "train.* / optim.* instead")
+    if world_size is not None and t.global_batch % (t.micro_batch * world_size):
+        raise ConfigError(f"config keys train.global_batch={t.global_batch}, train.micro_batch={t.micro_batch}: the global "
+                          f"batch must be micro_batch x gradient accumulation x data-parallel size ({world_size}); "
+                          f"choose a global_batch that is a multiple of {t.micro_batch * world_size}")
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config, derived: nothing is stated twice."""
+    t = cfg.train
+    ds = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": t.bf16},
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: runs on CPU and GPU alike
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in cfg.deepspeed.items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds

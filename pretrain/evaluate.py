@@ -1,0 +1,55 @@
+"""Validation during training: loss per pass on held-out data, and exact-match accuracy of the
+synthetic tasks at every exit depth (plus the learned-gate exit). Collective: every rank calls it."""
+
+import torch
+import torch.distributed as dist
+
+from .data.synthetic import exact_match
+
+
+@torch.no_grad()
+def validation_loss(model, loader_batches, device) -> list[float]:
+    """Mean CE per pass over this rank's validation micro-batches, averaged over all targets of all ranks."""
+    sums = None
+    for batch in loader_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch, use_cache=False, compute_logits=False)
+        n = (batch["labels"][:, 1:] != -100).sum()
+        part = torch.cat([out.step_losses.double() * n, n.double()[None]])
+        sums = part if sums is None else sums + part
+    if sums is None:
+        sums = torch.zeros(model.config.total_ut_steps + 1, dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return (sums[:-1] / sums[-1].clamp_min(1)).tolist()
+
+
+@torch.no_grad()
+def task_accuracy(model, tokenizer, tasks: dict, max_prompts: int, device, sync: bool) -> dict:
+    """{"<task>@<pass>": accuracy} for a fixed exit pass 1..T, and "<task>@gate" for the config's
+    learned-gate threshold. Prompts are split over ranks in equal shares (ZeRO-3 needs every rank to
+    run the same forwards); answers are greedy, 4 new tokens, exact match on the first word."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    T = model.config.total_ut_steps
+    results = {}
+    for task, items in sorted(tasks.items()):
+        items = items[:max_prompts]
+        share = -(-len(items) // world)
+        mine = items[rank * share:(rank + 1) * share]
+        valid = len(mine)
+        mine = mine + [items[0]] * (share - valid)  # padding rows, not counted
+        encoded = [tokenizer.encode(p) for p, _ in mine]
+        width = max(len(e) for e in encoded)
+        ids = torch.zeros(len(mine), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):  # left padding
+            ids[i, width - len(e):], mask[i, width - len(e):] = torch.tensor(e), 1
+        policies = [(str(t + 1), {"exit_at_step": t}) for t in range(T)] + [("gate", {})]
+        for name, kw in policies:
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=4, min_new_tokens=4,
+                                 do_sample=False, pad_token_id=0, synced_gpus=sync, **kw)
+            texts = [tokenizer.decode(row[width:].tolist()) for row in out[:valid]]
+            correct = exact_match(texts, [a for _, a in mine[:valid]]) * valid
+            counts = torch.tensor([correct, valid], dtype=torch.float64, device=device)
+            dist.all_reduce(counts)
+            results[f"{task}@{name}"] = (counts[0] / counts[1].clamp_min(1)).item()
+    return results

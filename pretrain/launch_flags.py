@@ -1,0 +1,44 @@
+"""Print the `deepspeed` runner flags for a config, one per line (used by launch/pretrain.sh).
+
+Sources, highest first: environment (HOSTFILE, NUM_NODES, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT),
+then the config's `launch:` section.
+"""
+
+import os
+import sys
+
+from .config import ConfigError, load_config
+
+
+def runner_flags(cfg, env=os.environ) -> list[str]:
+    launch = cfg.launch
+    hostfile = env.get("HOSTFILE", launch.hostfile)
+    nodes = int(env.get("NUM_NODES", launch.num_nodes))
+    gpus = env.get("GPUS_PER_NODE", launch.gpus_per_node)
+    flags = []
+    if hostfile:
+        if not os.path.exists(hostfile):
+            raise ConfigError(f"hostfile {hostfile} (launch.hostfile / HOSTFILE) does not exist")
+        flags += ["--hostfile", hostfile]
+    if nodes > 1 or hostfile:
+        flags += ["--num_nodes", str(nodes)]
+    if gpus is not None:
+        flags += ["--num_gpus", str(gpus)]
+    if env.get("MASTER_ADDR"):
+        flags += ["--master_addr", env["MASTER_ADDR"]]
+    flags += ["--master_port", str(env.get("MASTER_PORT", launch.master_port))]
+    return flags
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        print("\n".join(runner_flags(cfg)))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Pretraining entry point (what `launch/pretrain.sh` runs on every rank).
+
+    deepspeed --num_gpus 2 launch/pretrain.sh --config configs/smoke.yaml train.max_steps=4
+    python -m pretrain.train --config configs/smoke.yaml      # one process (world size 1)
+"""
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from looplm.objectives import shift_labels
+
+from . import checkpoint
+from .config import ConfigError, load_config, validate
+from .data import BlendedDataset, DataError, IndexedDataset, PackedDataset, RankBatchSampler, Tokenizer, build_loader, parse_blend
+from .data.synthetic import prepare_default_corpus, read_eval
+from .engine import build_engine, build_model, entropy_beta
+from .evaluate import task_accuracy, validation_loss
+from .metrics import LossGuard, MetricsLogger, flops_per_token
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed runner
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p.parse_args(argv)
+
+
+def init_distributed():
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_data(cfg, model_config, rank):
+    """(train dataset, validation dataset, tokenizer, eval tasks) from the config."""
+    d = cfg.data
+    tasks = {}
+    if d.blend is None:  # the embedded default corpus, prepared once by rank 0
+        corpus = Path(d.default_corpus_dir)
+        if rank == 0:
+            prepare_default_corpus(corpus, seed=d.seed)
+        dist.barrier()
+        entries, tokenizer_path, tasks_dir = [(1.0, str(corpus / "train"))], corpus / "tokenizer.model", corpus
+    else:
+        entries, tokenizer_path, tasks_dir = parse_blend(d.blend), d.tokenizer, d.eval_tasks_dir
+    tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
+    train_parts, valid_parts = [], []
+    for _, prefix in entries:
+        indexed = IndexedDataset(prefix)
+        indexed.check_vocab(model_config.vocab_size)
+        if tokenizer is not None:
+            indexed.check_tokenizer(tokenizer.identity)
+        train_parts.append(PackedDataset(indexed, d.seq_len, d.seed, "train", d.valid_fraction, wrap=True))
+        if d.valid_fraction > 0:
+            valid_parts.append(PackedDataset(indexed, d.seq_len, d.seed, "valid", d.valid_fraction, wrap=False))
+    weights = [w for w, _ in entries]
+    train = BlendedDataset(train_parts, weights, d.on_exhaust)
+    valid = BlendedDataset(valid_parts, weights, "stop") if valid_parts else None
+    if tasks_dir is not None:
+        tasks = {p.stem.removeprefix("eval_"): read_eval(p) for p in sorted(Path(tasks_dir).glob("eval_*.jsonl"))}
+    return train, valid, tokenizer, tasks
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def run(cfg, rank: int, world: int):
+    """Train according to `cfg`; returns the engine (for tests and tools)."""
+    validate(cfg, world)
+    out_dir = Path(cfg.train.output_dir)
+    resume_from = None
+    if cfg.train.resume == "auto":
+        resume_from = checkpoint.find_resume(out_dir)
+    elif cfg.train.resume != "none":
+        resume_from = Path(cfg.train.resume)
+        if not checkpoint.is_complete(resume_from):
+            raise ConfigError(f"config key train.resume: {resume_from} is not a complete checkpoint "
+                              f"(no {checkpoint.STATE_FILE})")
+    state = checkpoint.read_state(resume_from) if resume_from else {}
+    universal = bool(state) and state["world_size"] != world and cfg.train.zero_stage > 0
+
+    model = build_model(cfg)
+    train_set, valid_set, tokenizer, tasks = build_data(cfg, model.config, rank)
+    engine, optimizer, scheduler = build_engine(cfg, model, world, load_universal=universal)
+    device = engine.device
+    if resume_from:
+        checkpoint.load(engine, resume_from, universal)
+    step = state.get("step", 0)
+    consumed = state.get("consumed_samples", 0)
+    tokens_seen = state.get("tokens_seen", 0)
+    guard = LossGuard(cfg.train.spike_factor, cfg.train.spike_window, cfg.train.max_bad_steps,
+                      **state.get("guard", {}))
+    logger = MetricsLogger(out_dir, cfg, enabled=rank == 0)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        where = f"resumed from {resume_from} (step {step}, {consumed} samples)" if resume_from else "from scratch"
+        print(f"looplm pretrain: world {world}, ZeRO-{cfg.train.zero_stage}, "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters, {where}", flush=True)
+
+    sampler = RankBatchSampler(cfg.train.global_batch, cfg.train.micro_batch, rank, world, consumed,
+                               None if cfg.data.on_exhaust == "wrap" else len(train_set))
+    batches = iter(build_loader(train_set, sampler, cfg.data.num_workers))
+    accum = sampler.accumulation_steps
+    T = model.config.total_ut_steps
+    flops = flops_per_token(model.config, cfg.data.seq_len)
+    preempt = Preemption()
+    base_beta = model.config.entropy_beta
+
+    def save():
+        checkpoint.save(engine, out_dir, step, {
+            "consumed_samples": consumed, "tokens_seen": tokens_seen, "world_size": world,
+            "zero_stage": cfg.train.zero_stage, "guard": guard.state(), "config": cfg.to_dict()},
+            cfg.train.keep_last)
+
+    def evaluate():
+        engine.module.eval()
+        record = {"step": step}
+        if valid_set is not None:
+            vs = RankBatchSampler(cfg.train.micro_batch * world, cfg.train.micro_batch, rank, world, 0, len(valid_set))
+            it = iter(build_loader(valid_set, vs))
+            chunk = [b for _, b in zip(range(cfg.train.eval_batches), it)]
+            record["valid_loss_per_pass"] = validation_loss(engine.module, chunk, device)
+        if tasks and tokenizer is not None:
+            record["accuracy"] = task_accuracy(engine.module, tokenizer, tasks, cfg.train.eval_max_prompts, device,
+                                               sync=cfg.train.zero_stage == 3)
+        engine.module.train()
+        logger.log(record, f"eval step {step}: " + " ".join(
+            [f"valid CE/pass [{' '.join(f'{x:.3f}' for x in record.get('valid_loss_per_pass', []))}]"] +
+            [f"{k}={v:.2f}" for k, v in sorted(record.get("accuracy", {}).items())]))
+        return record
+
+    engine.train()
+    while step < cfg.train.max_steps:
+        start = time.perf_counter()
+        try:
+            micro = [next(batches) for _ in range(accum)]
+        except StopIteration:
+            if rank == 0:
+                print(f"data exhausted after {consumed} samples (data.on_exhaust=stop)", flush=True)
+            break
+        engine.module.config.entropy_beta = entropy_beta(step, cfg, base_beta)
+        targets = torch.tensor(float(sum(int((shift_labels(b["labels"]) != -100).sum()) for b in micro)), device=device)
+        dist.all_reduce(targets)
+        normalizer = targets / (accum * world)  # so that DeepSpeed's /accum and rank mean give a global token mean
+        stats = torch.zeros(3 * T + 3, dtype=torch.float64, device=device)
+        for i, batch in enumerate(micro):
+            if cfg.fault.kill_at_step == step + 1 and rank == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = engine(**batch, num_items_in_batch=normalizer)
+            loss = out.loss * float("nan") if step + 1 in cfg.fault.nan_at_steps else out.loss
+            mask = (shift_labels(batch["labels"]) != -100)
+            n = mask.sum()
+            stats[:T] += out.step_losses.double() * n
+            stats[T:2 * T] += (out.exit_probs * mask[..., None]).sum((0, 1)).double()
+            stats[2 * T:3 * T] += (out.gate_probs * mask[..., None]).sum((0, 1)).double()
+            stats[3 * T] += loss.detach().double()
+            stats[3 * T + 1] += n
+            if i == accum - 1:  # decide on the update before DeepSpeed steps the optimizer
+                stats[3 * T + 2] = float(preempt.requested)
+                dist.all_reduce(stats)
+                step_loss = (stats[3 * T] / (accum * world)).item()
+                bad = guard.check(step_loss)
+                _set_skip(optimizer, bad is not None)
+            engine.backward(loss)
+            engine.step()
+        step += 1
+        consumed += cfg.train.global_batch
+        tokens_seen += int(stats[3 * T + 1].item())
+        seconds = time.perf_counter() - start
+        tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
+        tflops = flops * tokens_per_s / world / 1e12
+        n_tok = stats[3 * T + 1].clamp_min(1)
+        p = (stats[T:2 * T] / n_tok).tolist()
+        record = {
+            "step": step, "loss": step_loss, "loss_per_pass": (stats[:T] / n_tok).tolist(), "exit_probs": p,
+            "exit_entropy": -sum(x * math.log(max(x, 1e-12)) for x in p),
+            "gate_mean": (stats[2 * T:3 * T] / n_tok).tolist(), "grad_norm": _grad_norm(engine),
+            "lr": scheduler.get_last_lr()[0], "beta": engine.module.config.entropy_beta,
+            "tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops / cfg.logging.peak_tflops,
+            "consumed_samples": consumed, "tokens_seen": tokens_seen, "skipped": bad is not None,
+        }
+        if bad is not None:
+            logger.log({**record, "skip_reason": bad}, f"step {step}: update skipped ({bad})")
+            if guard.bad_in_a_row >= cfg.train.max_bad_steps:
+                raise RuntimeError(f"{guard.bad_in_a_row} consecutive bad steps (last: {bad}); aborting. The last "
+                                   f"good checkpoint is in {checkpoint.checkpoint_root(out_dir)}; lower optim.lr or "
+                                   "inspect the data, then resume")
+        elif step % cfg.train.log_every == 0 or step == 1:
+            logger.log(record, f"step {step:6d} | loss {step_loss:.4f} | CE/pass [" +
+                       " ".join(f"{x:.3f}" for x in record["loss_per_pass"]) + "] | exit p [" +
+                       " ".join(f"{x:.2f}" for x in p) + f"] | lr {record['lr']:.2e} | {tokens_per_s:,.0f} tok/s"
+                       f" | MFU {record['mfu']:.1%}")
+        else:
+            logger.log(record)
+        if stats[3 * T + 2] > 0:
+            save()
+            if rank == 0:
+                print(f"preempted: saved checkpoint at step {step}; resume with train.resume=auto", flush=True)
+            logger.close()
+            return engine
+        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
+            save()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
+            evaluate()
+    evaluate()
+    logger.close()
+    return engine
+
+
+def _set_skip(optimizer, skip: bool) -> None:
+    """Reach the SkippableAdamW inside DeepSpeed's optimizer wrapper (or the plain one for ZeRO-0)."""
+    inner = optimizer
+    while not hasattr(inner, "skip_next_step") and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    inner.skip_next_step = skip
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        rank, world = init_distributed()
+        run(cfg, rank, world)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
