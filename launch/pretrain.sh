@@ -23,8 +23,26 @@ mapfile -t runner_flags < <(cd "$repo" && "$python" -m pretrain.launch_flags "$c
 deepspeed="$(dirname "$python")/deepspeed"
 [ -x "$deepspeed" ] || deepspeed=deepspeed
 cd "$repo"
-set -x
-exec "$deepspeed" "${runner_flags[@]}" launch/pretrain.sh --config "$config" "$@"
+echo "+ $deepspeed ${runner_flags[*]} launch/pretrain.sh --config $config $*" >&2
+"$deepspeed" "${runner_flags[@]}" launch/pretrain.sh --config "$config" "$@" &
+runner=$!
+
+# Preemption: the single-node deepspeed runner does not pass SIGTERM on, so forward it to the
+# ranks themselves (they save a checkpoint and exit cleanly); multi-node runners forward it over pdsh.
+descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
+forward() {
+  local p ranks=0
+  for p in $(descendants "$runner"); do
+    if tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -- "--local_rank"; then kill -TERM "$p"; ranks=1; fi
+  done
+  [ "$ranks" = 1 ] || kill -TERM "$runner" 2>/dev/null || true
+}
+trap forward TERM INT
+status=0
+while kill -0 "$runner" 2>/dev/null; do  # a trapped signal interrupts `wait`: wait again
+  if wait "$runner"; then status=0; else status=$?; fi
+done
+exit "$status"
 '''
 import os
 import sys

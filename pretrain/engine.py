@@ -4,18 +4,25 @@ import math
 
 import torch
 
-from looplm import LoopLMForCausalLM, preset_config
+from looplm import LoopLMConfig, LoopLMForCausalLM, preset_config
 
 from .config import RunConfig, deepspeed_config
+
+
+def model_config(cfg: RunConfig) -> LoopLMConfig:
+    """The LoopLM config of a run: a preset (or init_from's config) with model.overrides applied."""
+    if cfg.model.init_from:
+        return LoopLMConfig.from_pretrained(cfg.model.init_from, **cfg.model.overrides)
+    return preset_config(cfg.model.preset, **cfg.model.overrides)
 
 
 def build_model(cfg: RunConfig) -> LoopLMForCausalLM:
     """Random init from a preset + overrides, or the weights of a Hugging Face/Ouro folder."""
     if cfg.model.init_from:
-        model = LoopLMForCausalLM.from_pretrained(cfg.model.init_from, **cfg.model.overrides)
+        model = LoopLMForCausalLM.from_pretrained(cfg.model.init_from, config=model_config(cfg))
     else:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = LoopLMForCausalLM(preset_config(cfg.model.preset, **cfg.model.overrides))
+        model = LoopLMForCausalLM(model_config(cfg))
     if cfg.train.activation_checkpointing:  # one checkpoint per (pass, layer) application
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.ouro.objective == "stage2":  # stage II: the LM is frozen, only the exit gate trains
@@ -31,7 +38,8 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "early_exit_gate" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # stage II has no decayed parameters
 
 
 class SkippableAdamW(torch.optim.AdamW):

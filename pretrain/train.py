@@ -150,7 +150,7 @@ def run(cfg, rank: int, world: int):
             it = iter(build_loader(valid_set, vs))
             chunk = [b for _, b in zip(range(cfg.train.eval_batches), it)]
             record["valid_loss_per_pass"] = validation_loss(engine.module, chunk, device)
-        if tasks and tokenizer is not None:
+        if tasks and tokenizer is not None and cfg.train.eval_max_prompts > 0:
             record["accuracy"] = task_accuracy(engine.module, tokenizer, tasks, cfg.train.eval_max_prompts, device,
                                                sync=cfg.train.zero_stage == 3)
         engine.module.train()

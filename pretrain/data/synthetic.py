@@ -125,18 +125,18 @@ def read_eval(path: str | Path) -> list[tuple[str, str]]:
 
 def prepare_default_corpus(out_dir: str | Path, seed: int = 0, vocab_size: int = 256, workers: int = 1,
                            progress: bool = False, **kwargs) -> dict:
-    """Corpus, sentencepiece tokenizer and indexed files in `out_dir`; skips what already exists."""
+    """Corpus, sentencepiece tokenizer and indexed files in `out_dir` (reused when already complete:
+    the .idx is written last)."""
     from .ingest import ingest
     from .tokenizer import read_texts, train_sentencepiece
 
     out = Path(out_dir)
-    files = write_default_corpus(out, seed, **kwargs)
-    files["tokenizer"] = out / "tokenizer.model"
-    if not files["tokenizer"].exists():
-        train_sentencepiece(read_texts(files["train"], "text"), files["tokenizer"], vocab_size)
-    files["data"] = out / "train"
-    if not (out / "train.idx").exists():
-        ingest([str(files["train"])], files["tokenizer"], files["data"], workers=workers, progress=progress)
+    files = {"train": out / "train.jsonl", "tokenizer": out / "tokenizer.model", "data": out / "train"}
+    if (out / "train.idx").exists() and files["tokenizer"].exists():
+        return {**files, **{p.stem.removeprefix("eval_"): p for p in sorted(out.glob("eval_*.jsonl"))}}
+    files.update(write_default_corpus(out, seed, **kwargs))
+    train_sentencepiece(read_texts(files["train"], "text"), files["tokenizer"], vocab_size)
+    ingest([str(files["train"])], files["tokenizer"], files["data"], workers=workers, progress=progress)
     return files
 
 

@@ -1,0 +1,84 @@
+"""Export a training checkpoint (any ZeRO stage) to a Hugging Face folder in the Ouro format.
+
+    python -m pretrain.export --checkpoint runs/smoke --output runs/smoke/hf [--dtype bfloat16]
+
+--checkpoint takes a run folder (its newest complete checkpoint), a run's checkpoints/ folder, or
+one global_stepN folder. The tokenizer the run trained with is copied beside the weights.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from looplm import LoopLMForCausalLM
+
+from . import checkpoint
+from .config import ConfigError, RunConfig, _build
+from .engine import model_config
+
+
+def resolve(path: str | Path) -> Path:
+    path = Path(path)
+    if checkpoint.is_complete(path):
+        return path
+    for run_dir in (path, path.parent):
+        found = checkpoint.find_resume(run_dir)
+        if found is not None and found.parent.parent == run_dir:
+            return found
+    raise ConfigError(f"{path} holds no complete checkpoint (a global_stepN folder with "
+                      f"{checkpoint.STATE_FILE}); pass a run folder or a checkpoint folder")
+
+
+def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict:
+    """fp32 weights from the shards (zero_to_fp32), or the single module file for ZeRO-0."""
+    if zero_stage == 0:
+        return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def export(ckpt_path, output, dtype: str = "float32") -> Path:
+    ckpt = resolve(ckpt_path)
+    state = checkpoint.read_state(ckpt)
+    cfg = _build(RunConfig, state["config"], "")
+    config = model_config(cfg)
+    config.objective = cfg.ouro.objective
+    model = LoopLMForCausalLM(config)
+    weights = consolidated_state_dict(ckpt, state["zero_stage"])
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint {ckpt} does not match the model of its config: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    model = model.to(getattr(torch, dtype))
+    output = Path(output)
+    model.save_pretrained(output)
+    tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.default_corpus_dir) / "tokenizer.model"
+    if tokenizer.is_dir():
+        for f in tokenizer.iterdir():
+            if f.is_file() and "token" in f.name:
+                shutil.copy(f, output / f.name)
+    elif tokenizer.exists():
+        shutil.copy(tokenizer, output / "tokenizer.model")
+    return output
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.output, args.dtype)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"exported {resolve(args.checkpoint)} to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Multi-rank training on CPU (gloo) under the real deepspeed runner: ZeRO 0-3 against one process,
+SIGKILL + resume bit-exactness, resume on another world size, SIGTERM, the literal launch commands."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from helpers.training import (REPO, base_overrides, checkpoint_weights, deepspeed_cmd, launch, metrics,
+                              run_in_process, step_losses)
+
+pytestmark = pytest.mark.slow
+STEPS, SAVE_AT = 6, 3
+
+
+def reference_overrides(corpus, out, zero_stage):
+    return base_overrides(corpus, out, **{"train.max_steps": STEPS, "train.save_every": SAVE_AT,
+                                          "train.zero_stage": zero_stage, "train.keep_last": 5})
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    """One single-process run and a 2-rank run per ZeRO stage, same global batch and data."""
+    root = tmp_path_factory.mktemp("runs")
+    run_in_process(reference_overrides(corpus, root / "single", 2))
+    spec = root / "runs.json"
+    spec.write_text(json.dumps([reference_overrides(corpus, root / f"zero{z}", z) for z in range(4)]))
+    cmd = deepspeed_cmd(2) + ["tests/helpers/multi_run.py", "--config", "configs/smoke.yaml", "--runs", str(spec)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root
+
+
+def test_zero_stages_give_the_losses_of_a_single_process(runs):
+    single = step_losses(runs / "single")
+    assert sorted(single) == list(range(1, STEPS + 1))
+    for z in range(4):
+        losses = step_losses(runs / f"zero{z}")
+        assert sorted(losses) == sorted(single), z
+        for step, value in single.items():
+            assert losses[step] == pytest.approx(value, rel=2e-5), (z, step)
+
+
+def test_sigkill_then_resume_is_bit_identical(runs, corpus, tmp_path):
+    out = tmp_path / "killed"
+    overrides = reference_overrides(corpus, out, 2)
+    killed = launch(2, overrides + [f"fault.kill_at_step={SAVE_AT + 1}"], check=False)
+    assert killed.returncode != 0
+    assert max(step_losses(out)) == SAVE_AT  # died before finishing step SAVE_AT + 1
+    launch(2, overrides)
+    assert step_losses(out) == step_losses(runs / "zero2")  # exact floats, every step
+    final = checkpoint_weights(out / "checkpoints" / f"global_step{STEPS}")
+    reference = checkpoint_weights(runs / "zero2" / "checkpoints" / f"global_step{STEPS}")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def _resume_from(src, dst, step):
+    shutil.copytree(src, dst)
+    (dst / "metrics.jsonl").unlink()
+    for ckpt in (dst / "checkpoints").glob("global_step*"):
+        if ckpt.name != f"global_step{step}":
+            shutil.rmtree(ckpt)
+    (dst / "checkpoints" / "latest").write_text(f"global_step{step}")
+
+
+def _check_continuation(resumed_dir, reference_dir):
+    records = {r["step"]: r for r in metrics(resumed_dir) if "loss" in r}
+    assert sorted(records) == list(range(SAVE_AT + 1, STEPS + 1))
+    assert records[SAVE_AT + 1]["consumed_samples"] == (SAVE_AT + 1) * 8  # the data position carried over
+    reference = step_losses(reference_dir)
+    for step, record in records.items():
+        assert record["loss"] == pytest.approx(reference[step], rel=1e-4), step
+
+
+def test_resume_two_ranks_on_one(runs, tmp_path):
+    dst = tmp_path / "two_to_one"
+    _resume_from(runs / "zero2", dst, SAVE_AT)
+    run_in_process([o if not o.startswith("train.output_dir=") else f"train.output_dir={dst}"
+                    for o in reference_overrides(runs.parent, dst, 2) if not o.startswith("data.default_corpus_dir")]
+                   + [f"data.default_corpus_dir={_corpus_of(runs)}"])
+    assert (dst / "checkpoints" / f"global_step{SAVE_AT}_universal").is_dir()
+    _check_continuation(dst, runs / "zero2")
+
+
+def test_resume_one_rank_on_two(runs, tmp_path):
+    dst = tmp_path / "one_to_two"
+    _resume_from(runs / "single", dst, SAVE_AT)
+    launch(2, reference_overrides(_corpus_of(runs), dst, 2))
+    _check_continuation(dst, runs / "single")
+
+
+def _corpus_of(runs):
+    config = json.loads((runs / "single" / "checkpoints" / f"global_step{STEPS}" / "trainer_state.json").read_text())
+    return config["config"]["data"]["default_corpus_dir"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(corpus, tmp_path):
+    """`bash launch/pretrain.sh CONFIG ...` (the head-node form), stopped with SIGTERM."""
+    out = tmp_path / "term"
+    overrides = base_overrides(corpus, out, **{"train.max_steps": 100000, "train.save_every": 100000})
+    env = {**os.environ, "MASTER_PORT": str(deepspeed_cmd(2)[-1])}
+    proc = subprocess.Popen(["bash", "launch/pretrain.sh", "configs/smoke.yaml", *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while max(step_losses(out) or [0]) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert "preempted: saved checkpoint" in output, output[-3000:]
+    assert proc.returncode == 0, output[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text()
+    state = json.loads((out / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert state["step"] == max(step_losses(out)) >= 3 and state["consumed_samples"] == 8 * state["step"]
+
+
+def test_the_literal_deepspeed_command(corpus, tmp_path):
+    """`deepspeed launch/pretrain.sh --config configs/smoke.yaml` as typed (one rank on a CPU box;
+    a free --master_port keeps parallel test runs apart)."""
+    runner, _, _, _, port = deepspeed_cmd(1)
+    cmd = [runner, "--master_port", port, "launch/pretrain.sh", "--config", "configs/smoke.yaml",
+           "train.max_steps=2", f"train.output_dir={tmp_path / 'literal'}", f"data.default_corpus_dir={corpus}",
+           "train.eval_max_prompts=0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(step_losses(tmp_path / "literal")) == [1, 2]

@@ -1,0 +1,70 @@
+"""The trainer in this process (world size 1): NaN/spike skipping, abort, stage II, export round trip."""
+
+import pytest
+import torch
+
+from helpers.training import REPO, base_overrides, metrics, run_in_process
+from looplm import LoopLMForCausalLM
+from pretrain.config import load_config
+from pretrain.engine import build_model
+from pretrain.export import export
+
+
+def weights_of(engine):
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def test_a_nan_step_is_skipped_and_leaves_the_weights_alone(corpus, tmp_path):
+    one = weights_of(run_in_process(base_overrides(corpus, tmp_path / "a", **{"train.max_steps": 1})))
+    engine = run_in_process(base_overrides(corpus, tmp_path / "b", **{"train.max_steps": 2, "fault.nan_at_steps": "[2]"}))
+    two = weights_of(engine)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    records = [r for r in metrics(tmp_path / "b") if "loss" in r]
+    assert [r["skipped"] for r in records] == [False, True] and "non-finite" in records[1]["skip_reason"]
+    three = weights_of(run_in_process(base_overrides(corpus, tmp_path / "c", **{"train.max_steps": 3,
+                                                                                  "fault.nan_at_steps": "[2]"})))
+    assert any(not torch.equal(two[k], three[k]) for k in two)  # training goes on after the bad step
+
+
+def test_consecutive_bad_steps_abort_with_a_clear_error(corpus, tmp_path):
+    with pytest.raises(RuntimeError, match="3 consecutive bad steps"):
+        run_in_process(base_overrides(corpus, tmp_path / "r", **{"train.max_steps": 6, "train.max_bad_steps": 3,
+                                                                  "fault.nan_at_steps": "[2, 3, 4]"}))
+
+
+def test_stage2_trains_only_the_gate(corpus, tmp_path):
+    overrides = base_overrides(corpus, tmp_path / "s2", **{"train.max_steps": 2, "ouro.objective": "stage2"})
+    before = build_model(load_config(REPO / "configs/smoke.yaml", overrides)).state_dict()
+    engine = run_in_process(overrides)
+    after = weights_of(engine)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.early_exit_gate.") for k in changed), changed
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_export_loads_with_the_logits_of_the_training_engine(corpus, tmp_path, zero_stage):
+    engine = run_in_process(base_overrides(corpus, tmp_path / "run", **{"train.max_steps": 2,
+                                                                         "train.zero_stage": zero_stage}))
+    folder = export(tmp_path / "run", tmp_path / "hf")
+    assert (folder / "tokenizer.model").exists()
+    exported = LoopLMForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, 256, (2, 12))
+    engine.module.eval()
+    with torch.no_grad():
+        expected = engine.module(ids, use_cache=False, output_step_logits=True)
+        got = exported(ids, use_cache=False, output_step_logits=True)
+    for a, b in zip(got.step_logits, expected.step_logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_metrics_record_what_the_issue_lists(corpus, tmp_path):
+    run_in_process(base_overrides(corpus, tmp_path / "m", **{"train.max_steps": 2, "train.eval_max_prompts": 4}))
+    records = metrics(tmp_path / "m")
+    step = records[0]
+    for key in ("loss", "loss_per_pass", "exit_probs", "exit_entropy", "gate_mean", "grad_norm", "lr",
+                "tokens_per_s", "tflops_per_device", "mfu", "consumed_samples", "tokens_seen"):
+        assert key in step, key
+    assert len(step["loss_per_pass"]) == 3 and abs(sum(step["exit_probs"]) - 1) < 1e-6
+    final = records[-1]
+    assert len(final["valid_loss_per_pass"]) == 3
+    assert set(final["accuracy"]) == {f"{t}@{d}" for t in ("mano", "multihop") for d in ("1", "2", "3", "gate")}
