@@ -73,6 +73,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir), none, or a checkpoint folder
+    exit_at_step: int | None = None  # save and stop here (the schedule still runs to max_steps)
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 8

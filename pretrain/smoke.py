@@ -1,72 +1,109 @@
-"""The main job (`make smoke`): a tiny LoopLM end to end on this machine.
+"""The main job (`make smoke`): the whole local pretraining workflow on the embedded corpus.
 
-Builds a tiny model, fits it for a few steps to a small repeating sequence so the passes and the
-exit gate have something to learn, prints the stage-I loss, the loss per pass and the exit
-distribution, saves it in the Ouro Hugging Face format, reloads it, and generates with full depth
-and with early exit (the number of layer applications shows what early exit saved).
+1. prepare the embedded synthetic corpus (tokenizer + indexed files);
+2. pretrain a tiny LoopLM with 2 CPU ranks under ZeRO-2 (`bash launch/pretrain.sh configs/smoke.yaml`),
+   stopping half-way (train.exit_at_step) and resuming from the checkpoint;
+3. export the last checkpoint to a Hugging Face folder (Ouro format);
+4. load it and generate with early exit; print a summary (loss per pass, exit distribution,
+   held-out accuracy per exit depth, tokens/s, compute saved by early exit).
 """
 
 import argparse
-import time
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
 
-from looplm import LoopLMForCausalLM, preset_config
+from looplm import LoopLMForCausalLM
+
+from .config import load_config
+from .data import Tokenizer
+from .data.synthetic import exact_match, prepare_default_corpus, read_eval
+from .export import export
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sh(cmd: list[str]) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--output-dir", default="runs/smoke")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--threshold", type=float, default=0.5, help="early-exit CDF threshold q for the demo")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/smoke.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value for the training config")
     args = p.parse_args(argv)
     hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
-    config = preset_config("tiny", vocab_size=64, total_ut_steps=4, entropy_beta=0.05)
-    model = LoopLMForCausalLM(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"tiny LoopLM: {n_params:,} parameters, N={config.num_hidden_layers} layers x T={config.total_ut_steps} passes")
+    cfg = load_config(REPO / args.config, args.overrides)
+    out = REPO / cfg.train.output_dir
+    corpus = REPO / cfg.data.default_corpus_dir
+    for stale in (out / "checkpoints", out / "metrics.jsonl", out / "hf"):  # a fresh run each time (data kept)
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
-    # A periodic sequence: learnable in a few dozen steps.
-    period = torch.randint(3, config.vocab_size, (13,))
-    data = period.repeat(8)[None, :96].repeat(4, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        out = model(data, labels=data)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step == 1 or step % 50 == 0 or step == args.steps:
-            per_pass = " ".join(f"{x:.3f}" for x in out.step_losses.tolist())
-            print(f"step {step:4d}  stage-I loss {out.loss.item():.4f}  CE per pass [{per_pass}]")
-    print(f"trained {args.steps} steps in {time.perf_counter() - start:.1f}s "
-          f"({args.steps * data.numel() / (time.perf_counter() - start):.0f} tokens/s)")
+    print("== 1. data: the embedded synthetic corpus", flush=True)
+    files = prepare_default_corpus(corpus, seed=cfg.data.seed, progress=False)
+    print(f"   {files['data']}.bin/.idx, tokenizer {files['tokenizer']}")
 
-    model.eval()
-    with torch.no_grad():
-        out = model(data[:1], use_cache=False)
-    mean_exit = out.exit_probs[0].mean(0).tolist()
-    print("mean exit distribution over passes: [" + " ".join(f"{x:.3f}" for x in mean_exit) + "]")
+    half = cfg.train.max_steps // 2
+    print(f"== 2. pretrain: 2 ranks, ZeRO-{cfg.train.zero_stage}, steps 1-{half}, then resume to "
+          f"{cfg.train.max_steps}", flush=True)
+    launcher = ["bash", "launch/pretrain.sh", args.config, *args.overrides]
+    sh(launcher + [f"train.exit_at_step={half}"])
+    sh(launcher)
 
-    folder = Path(args.output_dir) / "model"
-    model.save_pretrained(folder)
-    reloaded = LoopLMForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        same = torch.equal(reloaded(data[:1], use_cache=False).logits, out.logits)
-    print(f"saved to {folder} (Ouro format) and reloaded: logits identical = {same}")
+    print("== 3. export to a Hugging Face folder", flush=True)
+    folder = export(out, out / "hf")
+    print(f"   {folder}")
 
-    prompt = data[:1, :20]
-    for name, kw in (("full depth", {}), (f"early exit q={args.threshold}", {"exit_threshold": args.threshold})):
-        reloaded.model.layer_token_applications = 0
-        seq = reloaded.generate(prompt, max_new_tokens=26, do_sample=False, pad_token_id=0, **kw)
-        correct = (seq[0, 20:] == data[0, 20:46]).float().mean().item()
-        print(f"generate ({name}): {reloaded.model.layer_token_applications} token-layer applications, "
-              f"next-token accuracy {correct:.2f}, tokens {seq[0, 20:32].tolist()}...")
+    print("== 4. generate with early exit", flush=True)
+    model = LoopLMForCausalLM.from_pretrained(folder).eval()
+    tok = Tokenizer(folder / "tokenizer.model")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    last, final_eval = train_records[-1], [r for r in records if "accuracy" in r][-1]
+    tasks = {t: read_eval(files[t])[:100] for t in ("mano", "multihop")}
+    rows = []
+    T = model.config.total_ut_steps
+    for name, kw in (("full depth", {"exit_threshold": 1.0}), ("early exit q=0.6", {"exit_threshold": 0.6})):
+        acc, used = {}, 0
+        for task, items in tasks.items():
+            completions = []
+            for prompt, _ in items:
+                ids = torch.tensor([tok.encode(prompt)])
+                model.model.layer_token_applications = 0
+                with torch.no_grad():
+                    seq = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **kw)
+                used += model.model.layer_token_applications - ids.shape[1] * T * model.config.num_hidden_layers
+                completions.append(tok.decode(seq[0, ids.shape[1]:].tolist()))
+            acc[task] = exact_match(completions, [a for _, a in items])
+        rows.append((name, acc, used))
+
+    print("\n== summary")
+    print(f"steps {last['step']}, tokens seen {last['tokens_seen']:,}, "
+          f"training throughput {sum(r['tokens_per_s'] for r in train_records[1:]) / max(len(train_records) - 1, 1):,.0f}"
+          " tokens/s (2 CPU ranks)")
+    print(f"final loss {last['loss']:.4f}; CE per pass [" + " ".join(f"{x:.3f}" for x in last["loss_per_pass"]) + "]")
+    print("mean exit distribution over passes [" + " ".join(f"{x:.3f}" for x in last["exit_probs"]) + "]")
+    print("validation CE per pass [" + " ".join(f"{x:.3f}" for x in final_eval["valid_loss_per_pass"]) + "]")
+    print("held-out exact match by exit depth (pass 1..T, and the learned gate at q=config):")
+    for task in ("mano", "multihop"):
+        cells = " ".join(f"{k.split('@')[1]}:{v:.2f}" for k, v in sorted(final_eval["accuracy"].items())
+                         if k.startswith(task))
+        print(f"  {task:9s} {cells}")
+    full = rows[0][2]
+    for name, acc, used in rows:
+        print(f"generate ({name}): accuracy mano {acc['mano']:.2f}, multihop {acc['multihop']:.2f}; decode "
+              f"layer applications {used} ({used / max(full, 1):.0%} of full depth)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except subprocess.CalledProcessError as err:
+        print(f"error: a step failed: {' '.join(err.cmd)} (exit {err.returncode})", file=sys.stderr)
+        raise SystemExit(1)

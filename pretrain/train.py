@@ -229,13 +229,38 @@ def run(cfg, rank: int, world: int):
                 print(f"preempted: saved checkpoint at step {step}; resume with train.resume=auto", flush=True)
             logger.close()
             return engine
-        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
+        if step % cfg.train.save_every == 0 or step in (cfg.train.max_steps, cfg.train.exit_at_step):
             save()
+        if step == cfg.train.exit_at_step:
+            if rank == 0:
+                print(f"stopping at train.exit_at_step={step} (checkpoint saved)", flush=True)
+            logger.close()
+            return engine
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             evaluate()
     evaluate()
+    logger.log({"step": step, "memory_per_rank": _memory_per_rank(optimizer, device, engine.module)})
     logger.close()
     return engine
+
+
+def _memory_per_rank(optimizer, device, module) -> list[dict]:
+    """Per rank: MiB of optimizer state and of parameters held (what ZeRO 1-2 and 3 shard), and the
+    peak memory MiB (CUDA max allocated, else the process's peak RSS)."""
+    import resource
+
+    inner = optimizer
+    while not hasattr(inner, "skip_next_step") and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    state = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    params = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
+                 for p in module.parameters())  # ZeRO-3 keeps only its partition (ds_tensor)
+    mine = torch.tensor([state / 2**20, params / 2**20, peak / 2**20], dtype=torch.float64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [{"optimizer_state_mib": float(x[0]), "param_mib": float(x[1]), "peak_mib": float(x[2])} for x in every]
 
 
 def _set_skip(optimizer, skip: bool) -> None:

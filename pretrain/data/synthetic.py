@@ -70,19 +70,20 @@ def two_hop_questions(world) -> list[tuple[str, str]]:
     return out
 
 
-def default_corpus(seed: int = 0, mano_train: int = 20000, mano_eval: int = 200, max_ops: int = 3,
-                   qa_train_fraction: float = 0.5, qa_eval: int = 200):
-    """(training documents, {task: [(prompt, answer)]}); deterministic in its arguments."""
+def default_corpus(seed: int = 0, mano_train: int = 8000, mano_eval: int = 200, max_ops: int = 3,
+                   qa_train_fraction: float = 0.5, qa_eval: int = 200, fact_repeats: int = 8, qa_repeats: int = 4):
+    """(training documents, {task: [(prompt, answer)]}); deterministic in its arguments. Facts and
+    training questions are repeated so that they are a fair share of the tokens next to Mano."""
     rng = random.Random(seed)
     docs = [" ".join(mano_example(rng, max_ops)) for _ in range(mano_train)]
     evals = {"mano": [mano_example(rng, max_ops, ops=max_ops) for _ in range(mano_eval)]}
     world = multihop_world(seed)
     _, facts, _ = world
-    docs += [f"the {r} of {e} is {target} ." for (r, e), target in sorted(facts.items())]
+    docs += [f"the {r} of {e} is {target} ." for (r, e), target in sorted(facts.items())] * fact_repeats
     questions = two_hop_questions(world)
     rng.shuffle(questions)
     n_train = int(len(questions) * qa_train_fraction)
-    docs += [f"{q} {a}" for q, a in questions[:n_train]]
+    docs += [f"{q} {a}" for q, a in questions[:n_train]] * qa_repeats
     evals["multihop"] = questions[n_train:n_train + qa_eval]
     rng.shuffle(docs)
     # Prompts held out for evaluation never appear verbatim in training.
@@ -146,7 +147,7 @@ def main(argv=None):
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--mano-train", type=int, default=20000)
+    p.add_argument("--mano-train", type=int, default=8000)
     p.add_argument("--max-ops", type=int, default=3)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)

@@ -46,6 +46,20 @@ def test_zero_stages_give_the_losses_of_a_single_process(runs):
             assert losses[step] == pytest.approx(value, rel=2e-5), (z, step)
 
 
+def test_every_zero_stage_exports_the_same_model(runs, tmp_path):
+    from looplm import LoopLMForCausalLM
+    from pretrain.export import export
+
+    ids = torch.randint(0, 256, (2, 10))
+    logits = []
+    for z in range(4):
+        model = LoopLMForCausalLM.from_pretrained(export(runs / f"zero{z}", tmp_path / f"hf{z}")).eval()
+        with torch.no_grad():
+            logits.append(model(ids, use_cache=False).logits)
+    for z in range(1, 4):
+        torch.testing.assert_close(logits[z], logits[0], atol=1e-4, rtol=1e-4)
+
+
 def test_sigkill_then_resume_is_bit_identical(runs, corpus, tmp_path):
     out = tmp_path / "killed"
     overrides = reference_overrides(corpus, out, 2)

@@ -1,5 +1,7 @@
 """The trainer in this process (world size 1): NaN/spike skipping, abort, stage II, export round trip."""
 
+import math
+
 import pytest
 import torch
 
@@ -58,13 +60,37 @@ def test_export_loads_with_the_logits_of_the_training_engine(corpus, tmp_path, z
 
 
 def test_metrics_record_what_the_issue_lists(corpus, tmp_path):
-    run_in_process(base_overrides(corpus, tmp_path / "m", **{"train.max_steps": 2, "train.eval_max_prompts": 4}))
+    run_in_process(base_overrides(corpus, tmp_path / "m", **{"train.max_steps": 2, "train.eval_max_prompts": 4,
+                                                              "logging.wandb": True}))
+    assert list((tmp_path / "m" / "wandb").glob("offline-run-*")), "wandb (offline) wrote no run"
     records = metrics(tmp_path / "m")
     step = records[0]
     for key in ("loss", "loss_per_pass", "exit_probs", "exit_entropy", "gate_mean", "grad_norm", "lr",
                 "tokens_per_s", "tflops_per_device", "mfu", "consumed_samples", "tokens_seen"):
         assert key in step, key
     assert len(step["loss_per_pass"]) == 3 and abs(sum(step["exit_probs"]) - 1) < 1e-6
-    final = records[-1]
-    assert len(final["valid_loss_per_pass"]) == 3
+    assert len([r for r in records if "valid_loss_per_pass" in r][-1]["valid_loss_per_pass"]) == 3
+    memory = records[-1]["memory_per_rank"]
+    assert len(memory) == 1 and memory[0]["optimizer_state_mib"] > 0
+    final = [r for r in records if "accuracy" in r][-1]
     assert set(final["accuracy"]) == {f"{t}@{d}" for t in ("mano", "multihop") for d in ("1", "2", "3", "gate")}
+
+
+def test_activation_checkpointing_and_retention(corpus, tmp_path):
+    """Checkpointing every (pass, layer) changes no loss; only the last keep_last checkpoints stay."""
+    run_in_process(base_overrides(corpus, tmp_path / "plain", **{"train.max_steps": 3}))
+    run_in_process(base_overrides(corpus, tmp_path / "ac", **{"train.max_steps": 3, "train.activation_checkpointing": True,
+                                                               "train.save_every": 1, "train.keep_last": 2}))
+    plain, ac = [[r["loss"] for r in metrics(tmp_path / d) if "loss" in r] for d in ("plain", "ac")]
+    assert ac == pytest.approx(plain, rel=1e-6)
+    kept = sorted(p.name for p in (tmp_path / "ac" / "checkpoints").glob("global_step*"))
+    assert kept == ["global_step2", "global_step3"]
+    assert (tmp_path / "ac" / "checkpoints" / "latest").read_text() == "global_step3"
+
+
+def test_bf16_training_runs_with_fp32_exit_math(corpus, tmp_path):
+    engine = run_in_process(base_overrides(corpus, tmp_path / "bf16", **{"train.max_steps": 2, "train.bf16": True}))
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    records = [r for r in metrics(tmp_path / "bf16") if "loss" in r]
+    assert all(math.isfinite(r["loss"]) for r in records) and records[1]["loss"] < records[0]["loss"] + 0.5
+    assert abs(sum(records[0]["exit_probs"]) - 1) < 1e-5
