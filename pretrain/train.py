@@ -191,7 +191,7 @@ def run(cfg, rank: int, world: int):
                 dist.all_reduce(stats)
                 step_loss = (stats[3 * T] / (accum * world)).item()
                 bad = guard.check(step_loss)
-                _set_skip(optimizer, bad is not None)
+                _client_optimizer(optimizer).skip_next_step = bad is not None
             engine.backward(loss)
             engine.step()
         step += 1
@@ -249,9 +249,7 @@ def _memory_per_rank(optimizer, device, module) -> list[dict]:
     peak memory MiB (CUDA max allocated, else the process's peak RSS)."""
     import resource
 
-    inner = optimizer
-    while not hasattr(inner, "skip_next_step") and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    inner = _client_optimizer(optimizer)
     state = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -263,12 +261,11 @@ def _memory_per_rank(optimizer, device, module) -> list[dict]:
     return [{"optimizer_state_mib": float(x[0]), "param_mib": float(x[1]), "peak_mib": float(x[2])} for x in every]
 
 
-def _set_skip(optimizer, skip: bool) -> None:
-    """Reach the SkippableAdamW inside DeepSpeed's optimizer wrapper (or the plain one for ZeRO-0)."""
-    inner = optimizer
-    while not hasattr(inner, "skip_next_step") and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    inner.skip_next_step = skip
+def _client_optimizer(optimizer):
+    """Our SkippableAdamW inside DeepSpeed's optimizer wrappers (or itself for ZeRO-0)."""
+    while not hasattr(optimizer, "skip_next_step") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _grad_norm(engine) -> float | None:

@@ -21,7 +21,8 @@ def blend_assignment(weights, start: int, count: int) -> tuple[np.ndarray, np.nd
     w = np.asarray(weights, dtype=np.float64)
     lo = max(start - len(w) - 1.0, 0.0)  # at most start keys lie below lo
     base = _count_below(lo, w)
-    # enough keys per dataset that the merge covers ranks start - base .. start + count (see the bounds in tests)
+    # Below lo lie at most lo + D/2 keys, so at most 1.5 D + 1 ranks before `start` are skipped; from lo,
+    # (count + 3D + 4) w_d keys per dataset cover at least count + 2D + 4 ranks of the merge.
     n_each = np.ceil((count + 3 * len(w) + 4) * w).astype(np.int64) + 2
     ds = np.concatenate([np.full(n, d) for d, n in enumerate(n_each)])
     ks = np.concatenate([b + np.arange(n) for b, n in zip(base, n_each)])
