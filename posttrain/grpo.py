@@ -1,0 +1,26 @@
+"""GRPO pieces (spec/memgen_ltpo_gnosis.md 1.4): group-normalised advantages and the clipped
+policy-gradient loss with an optional KL penalty to a reference policy."""
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean of its group) / (std of its group + eps); rewards (N,) in groups of `group_size`
+    consecutive entries; std with Bessel's correction, as TRL computes it."""
+    groups = rewards.view(-1, group_size).float()
+    adv = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
+    return adv.flatten()
+
+
+def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip_eps: float = 0.2, kl_beta: float = 0.0, logp_ref: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-level clipped surrogate, summed over all completion tokens of the batch and divided by
+    their number ("bnpo"). logp, logp_old, logp_ref, mask: (N, T); advantages: (N,)."""
+    ratio = torch.exp(logp - logp_old)
+    adv = advantages[:, None]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if kl_beta:
+        diff = logp_ref - logp
+        per_token = per_token + kl_beta * (torch.exp(diff) - diff - 1)  # k3 estimator of KL(pi || ref)
+    mask = mask.float()
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
