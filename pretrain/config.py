@@ -183,7 +183,8 @@ def apply_override(tree: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), cls=None):
+    """Load a YAML config into `cls` (default RunConfig), apply overrides, validate."""
     tree = {}
     if path is not None:
         path = Path(path)
@@ -196,8 +197,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     tree = copy.deepcopy(tree)
     for override in overrides:
         apply_override(tree, override)
-    cfg = _build(RunConfig, tree, "")
-    validate(cfg)
+    cfg = _build(cls or RunConfig, tree, "")
+    if cls is None:
+        validate(cfg)
+    elif hasattr(cfg, "validate"):
+        cfg.validate()
     return cfg
 
 

@@ -57,7 +57,8 @@ class Tokenizer:
         return self._sp.EncodeAsIds(text)
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
+        """Text of the ids; ids past the tokenizer's vocabulary (a model's padded rows) are skipped."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         if self.kind == "huggingface":
             return self._hf.decode(ids, skip_special_tokens=True)
         return self._sp.DecodeIds(ids)

@@ -1,0 +1,232 @@
+"""Post-training of the weaver (SFT, GRPO) and of the learned trigger, with the reasoner frozen.
+
+    python -m posttrain.train --config configs/posttrain_sft.yaml [section.key=value ...]
+
+Checkpoints (`output_dir/checkpoints/step_N/`) hold only what trains: weaver.safetensors + weaver.json
+(which names the reasoner), trigger.safetensors, the optimizer state, the RNG state and
+trainer_state.json; `latest` moves last. `train.resume=auto` continues exactly.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pretrain.checkpoint import rng_state, set_rng_state
+from pretrain.config import ConfigError, load_config
+from pretrain.data import Tokenizer
+
+from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice, token_log_probs
+from .config import PostConfig
+from .data import ProblemError, is_correct, load_problems
+from .grpo import group_advantages, grpo_loss
+from .reasoner import ReasonerError, load_reasoner
+from .trigger import FixedTrigger, build_trigger
+from .weaver import Weaver, WeaverConfig
+
+
+def reasoner_tokenizer(cfg: PostConfig) -> Tokenizer:
+    path = Path(cfg.reasoner.tokenizer or cfg.reasoner.path)
+    if path.is_dir() and (path / "tokenizer.model").exists():
+        path = path / "tokenizer.model"
+    return Tokenizer(path)
+
+
+class System:
+    """Reasoner (frozen), weaver and trigger built from a config; what the trainers share."""
+
+    def __init__(self, cfg: PostConfig):
+        self.cfg = cfg
+        self.reasoner = load_reasoner(cfg.reasoner.path)
+        self.tok = reasoner_tokenizer(cfg)
+        w = cfg.weaver
+        self.weaver = Weaver(self.reasoner, WeaverConfig(w.num_latents, w.lora_r, w.lora_alpha, w.lora_dropout,
+                                                          list(w.lora_targets), reasoner=cfg.reasoner.path))
+        if w.init_from:
+            self.weaver.load(w.init_from)
+        d = self.reasoner.get_input_embeddings().weight.shape[1]
+        self.trigger = build_trigger(cfg.trigger.policy, d)
+        if cfg.trigger.init_from:
+            self.trigger.load_state_dict(load_file(Path(cfg.trigger.init_from) / "trigger.safetensors"))
+        self.augment = AugmentConfig(cfg.augment.prompt_augment, cfg.augment.max_insertions,
+                                     list(cfg.augment.delimiters))
+        self.delims = delimiter_ids(self.tok, self.augment.delimiters)
+
+    def encode(self, problem):
+        return self.tok.encode(problem.prompt), self.tok.encode(problem.solution) + [self.tok.eos_id]
+
+    def teacher_insertions(self, answer: list[int]) -> list[int]:
+        """Where a fixed trigger inserts in a known answer (SFT): its decisions at the delimiters, at most M."""
+        trigger = self.trigger if isinstance(self.trigger, FixedTrigger) else FixedTrigger("always")
+        points = [i for i, t in enumerate(answer[:-1]) if t in self.delims]
+        chosen = [p for j, p in enumerate(points) if trigger.decide(None, 0, j)[0]]
+        return chosen[:self.augment.max_insertions]
+
+    def rollouts(self, problems, group: int, sample: bool):
+        prompts = [self.tok.encode(p.prompt) for p in problems for _ in range(group)]
+        with torch.no_grad():
+            return prompts, generate(self.reasoner, self.weaver, prompts, self.augment, self.trigger, self.delims,
+                                     self.cfg.train.max_new_tokens, self.tok.eos_id, sample=sample,
+                                     temperature=self.cfg.train.temperature)
+
+
+def sft_loss(system: System, problems) -> torch.Tensor:
+    """Mean CE of the reference solutions with latents inserted (gradients reach the weaver only)."""
+    examples = []
+    for problem in problems:
+        prompt, answer = system.encode(problem)
+        examples.append(splice(system.reasoner, system.weaver, prompt, answer, system.teacher_insertions(answer),
+                               system.augment))
+    embeds, labels, mask = batch_splices(examples)
+    logp = token_log_probs(system.reasoner, embeds, labels, mask)
+    n = (labels[:, 1:] != -100).sum()
+    return -logp.sum() / n
+
+
+def grpo_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
+    """Sample G answers per problem, exact-match rewards, group advantages, clipped loss on the
+    teacher-forced log-probs of the sampled tokens (with the rollout's insertion points)."""
+    t = system.cfg.train
+    prompts, gen = system.rollouts(problems, t.group_size, sample=True)
+    texts = [system.tok.decode(tokens) for tokens in gen.tokens]
+    rewards = torch.tensor([float(is_correct(x, problems[i // t.group_size], system.cfg.data.answer_pattern))
+                            for i, x in enumerate(texts)])
+    adv = group_advantages(rewards, t.group_size)
+    examples = [splice(system.reasoner, system.weaver, p, toks, ins, system.augment)
+                for p, toks, ins in zip(prompts, gen.tokens, gen.insertions)]
+    embeds, labels, mask = batch_splices(examples)
+    logp = token_log_probs(system.reasoner, embeds, labels, mask)
+    token_mask = torch.roll(labels != -100, -1, dims=1) & (torch.arange(labels.shape[1]) < labels.shape[1] - 1)
+    stats["reward"] = rewards.mean().item()
+    return grpo_loss(logp, logp.detach(), adv, token_mask, t.clip_eps)
+
+
+def trigger_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
+    """REINFORCE with group baselines for the learned trigger: reward = exact match - cost x insertions."""
+    t = system.cfg.train
+    prompts, gen = system.rollouts(problems, t.group_size, sample=False)
+    rewards = torch.tensor([float(is_correct(system.tok.decode(toks), problems[i // t.group_size],
+                                             system.cfg.data.answer_pattern))
+                            - system.cfg.trigger.insertion_cost * len(gen.insertions[i])
+                            for i, toks in enumerate(gen.tokens)])
+    adv = group_advantages(rewards, t.group_size)
+    terms = [adv[i] * torch.stack(lp).sum() for i, lp in enumerate(gen.trigger_log_probs) if lp]
+    stats["reward"] = rewards.mean().item()
+    stats["insertions"] = sum(len(i) for i in gen.insertions) / len(gen.insertions)
+    return -torch.stack(terms).mean() if terms else torch.zeros((), requires_grad=True)
+
+
+def evaluate(system: System, problems, batch: int = 16) -> float:
+    """Greedy exact-match accuracy with the system's augmentation and trigger."""
+    correct = 0
+    for i in range(0, len(problems), batch):
+        chunk = problems[i:i + batch]
+        _, gen = system.rollouts(chunk, 1, sample=False)
+        correct += sum(is_correct(system.tok.decode(toks), p, system.cfg.data.answer_pattern)
+                       for toks, p in zip(gen.tokens, chunk))
+    return correct / max(len(problems), 1)
+
+
+def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int):
+    root = out / "checkpoints"
+    ckpt = root / f"step_{step}"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    system.weaver.save(ckpt)
+    if isinstance(system.trigger, torch.nn.Module):
+        save_file({k: v.contiguous() for k, v in system.trigger.state_dict().items()}, ckpt / "trigger.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, ckpt / "optimizer.pt")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "reasoner": system.cfg.reasoner.path}))
+    tmp = root / "latest.tmp"
+    tmp.write_text(ckpt.name)
+    os.replace(tmp, root / "latest")
+    done = sorted((p for p in root.glob("step_*") if (p / "trainer_state.json").exists()),
+                  key=lambda p: int(p.name[5:]))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    latest = out / "checkpoints" / "latest"
+    if latest.exists():
+        ckpt = out / "checkpoints" / latest.read_text().strip()
+        if (ckpt / "trainer_state.json").exists():
+            return ckpt
+    return None
+
+
+def run(cfg: PostConfig) -> System:
+    torch.manual_seed(cfg.train.seed)
+    system = System(cfg)
+    t, out = cfg.train, Path(cfg.train.output_dir)
+    module = system.trigger if t.mode == "trigger" else system.weaver
+    if t.mode == "trigger":
+        system.weaver.requires_grad_(False)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    problems = load_problems(cfg.data.train, cfg.data.max_train, "train", cfg.train.seed)
+    step = 0
+    ckpt = find_checkpoint(out) if t.resume == "auto" else (Path(t.resume) if t.resume != "none" else None)
+    if ckpt is not None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if state["reasoner"] != cfg.reasoner.path:
+            raise ReasonerError(f"checkpoint {ckpt} was trained with reasoner {state['reasoner']}, not "
+                                f"{cfg.reasoner.path}; point reasoner.path at it or start a new output_dir")
+        system.weaver.load(ckpt)
+        if (ckpt / "trigger.safetensors").exists() and isinstance(system.trigger, torch.nn.Module):
+            system.trigger.load_state_dict(load_file(ckpt / "trigger.safetensors"))
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        step = state["step"]
+        print(f"resumed from {ckpt} (step {step})", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "metrics.jsonl", "a")
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(t.seed)).tolist()
+    while step < t.max_steps:
+        start = step * t.batch_size
+        batch = [problems[order[(start + i) % len(order)]] for i in range(t.batch_size)]
+        stats = {}
+        if t.mode == "sft":
+            loss = sft_loss(system, batch)
+        elif t.mode == "grpo":
+            loss = grpo_step_loss(system, batch, stats)
+        else:
+            loss = trigger_step_loss(system, batch, stats)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        record = {"step": step, "loss": loss.item(), **stats}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if step % t.log_every == 0 or step == 1:
+            print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                  flush=True)
+        if step % t.save_every == 0 or step == t.max_steps:
+            save_checkpoint(system, optimizer, out, step, t.keep_last)
+    log.close()
+    return system
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        run(load_config(args.config, args.overrides, cls=PostConfig))
+    except (ConfigError, ProblemError, ReasonerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

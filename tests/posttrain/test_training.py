@@ -1,0 +1,115 @@
+"""Weaver SFT/GRPO and trigger training: the reasoner stays frozen, losses behave, resume is exact."""
+
+import json
+
+import pytest
+import torch
+
+from posttrain.config import PostConfig
+from posttrain.data import ProblemError, load_problems
+from posttrain.grpo import group_advantages, grpo_loss
+from posttrain.reasoner import ReasonerError
+from posttrain.train import run
+from pretrain.config import ConfigError, load_config
+
+REPO_CONFIG = "configs/posttrain_sft.yaml"
+
+
+def config(reasoner_dir, out, **extra):
+    values = {"reasoner.path": str(reasoner_dir), "weaver.num_latents": 2, "weaver.lora_r": 4,
+              "train.output_dir": str(out), "train.batch_size": 4, "train.max_steps": 3, "train.lr": 0.003,
+              "train.save_every": 100, "train.log_every": 100, "train.max_new_tokens": 4, "augment.max_insertions": 1}
+    values.update(extra)
+    return load_config(REPO_CONFIG, [f"{k}={v}" for k, v in values.items()], cls=PostConfig)
+
+
+def test_sft_trains_the_weaver_and_never_the_reasoner(reasoner_dir, tmp_path):
+    from posttrain.train import System, sft_loss
+
+    cfg = config(reasoner_dir, tmp_path / "a")
+    system = System(cfg)
+    before = {k: v.clone() for k, v in system.reasoner.state_dict().items()}
+    params = [p for p in system.weaver.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    batch = load_problems("synthetic:mano", 4)
+    losses = []
+    for _ in range(8):  # the same small batch: the loss must go down
+        loss = sft_loss(system, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    after = system.reasoner.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    reasoner_ids = {id(p) for p in system.reasoner.parameters()}
+    assert not any(id(p) in reasoner_ids for p in opt.state)
+    assert not any(p.requires_grad for p in system.reasoner.parameters())
+
+
+def test_grpo_advantage_and_loss_match_a_hand_computation():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    adv = group_advantages(rewards, 4)
+    # group 1: mean 0.5, sample std sqrt(1/3); group 2: mean 0.75, std 0.5
+    s1, s2 = (1 / 3) ** 0.5, 0.5
+    expected = [0.5 / (s1 + 1e-4), -0.5 / (s1 + 1e-4), -0.5 / (s1 + 1e-4), 0.5 / (s1 + 1e-4),
+                0.25 / (s2 + 1e-4), 0.25 / (s2 + 1e-4), -0.75 / (s2 + 1e-4), 0.25 / (s2 + 1e-4)]
+    torch.testing.assert_close(adv, torch.tensor(expected))
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.4, 0.4, 0.1]]))
+    old = torch.log(torch.tensor([[0.4, 0.2, 0.5], [0.5, 0.5, 0.1]]))
+    a = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    total, n = 0.0, 0
+    for i in range(2):
+        for j in range(3):
+            if mask[i, j]:
+                r = float(torch.exp(logp[i, j] - old[i, j]))
+                total += -min(r * float(a[i]), min(max(r, 0.8), 1.2) * float(a[i]))
+                n += 1
+    torch.testing.assert_close(grpo_loss(logp, old, a, mask, 0.2), torch.tensor(total / n))
+    ref = logp - 0.3
+    kl = (torch.exp(ref - logp) - (ref - logp) - 1)
+    with_kl = grpo_loss(logp, old, a, mask, 0.2, kl_beta=0.1, logp_ref=ref)
+    torch.testing.assert_close(with_kl, torch.tensor(total / n) + 0.1 * (kl * mask).sum() / 5)
+
+
+@pytest.mark.parametrize("mode", ["sft", "grpo"])
+def test_resume_is_exact(reasoner_dir, tmp_path, mode):
+    extra = {"train.mode": mode, "train.group_size": 2, "train.batch_size": 2}
+    straight = run(config(reasoner_dir, tmp_path / "straight", **{**extra, "train.max_steps": 4}))
+    run(config(reasoner_dir, tmp_path / "split", **{**extra, "train.max_steps": 2}))
+    resumed = run(config(reasoner_dir, tmp_path / "split", **{**extra, "train.max_steps": 4}))
+    a, b = straight.weaver.trainable_state_dict(), resumed.weaver.trainable_state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    saved = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert saved == ["latest", "step_2", "step_4"]
+    files = {p.name for p in (tmp_path / "split" / "checkpoints" / "step_4").iterdir()}
+    assert files == {"weaver.safetensors", "weaver.json", "optimizer.pt", "trainer_state.json"}
+
+
+def test_learned_trigger_trains_alone(reasoner_dir, tmp_path):
+    system = run(config(reasoner_dir, tmp_path / "t", **{"train.mode": "trigger", "trigger.policy": "learned",
+                                                          "train.group_size": 2, "train.max_steps": 2,
+                                                          "augment.delimiters": "[' ']"}))
+    records = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all("insertions" in r for r in records)
+    assert (tmp_path / "t" / "checkpoints" / "step_2" / "trigger.safetensors").exists()
+
+
+def test_bad_inputs_are_named(reasoner_dir, tmp_path):
+    with pytest.raises(ConfigError, match="reasoner.path"):
+        load_config(REPO_CONFIG, ["reasoner.path="], cls=PostConfig)
+    with pytest.raises(ReasonerError, match="no config.json"):
+        run(config(tmp_path, tmp_path / "x"))
+    run(config(reasoner_dir, tmp_path / "r", **{"train.max_steps": 1}))
+    state = tmp_path / "r" / "checkpoints" / "step_1" / "trainer_state.json"
+    state.write_text(json.dumps({"step": 1, "reasoner": "/elsewhere/model"}))
+    with pytest.raises(ReasonerError, match="/elsewhere/model"):
+        run(config(reasoner_dir, tmp_path / "r", **{"train.max_steps": 2}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2"}\n')
+    with pytest.raises(ProblemError, match="bad.jsonl:1"):
+        load_problems(str(bad))
+    bad.write_text('{"question": "1+1?"}\n')
+    with pytest.raises(ProblemError, match="'question' and 'answer'"):
+        load_problems(str(bad))
