@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 "true" '''\'
-# looplm pretraining launcher: one file, two roles.
+# looplm launcher: one file, two roles (launch/posttrain.sh is a link to it and runs posttrain.train).
 #
 #  * As a shell script on a head node:  bash launch/pretrain.sh CONFIG [section.key=value ...]
 #    builds the deepspeed command from the config's `launch:` section and the environment
@@ -13,18 +13,19 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 if [ "$#" -lt 1 ] || [ "${1#-}" != "$1" ]; then
-  echo "usage: bash launch/pretrain.sh CONFIG [section.key=value ...]" >&2
-  echo "   or: deepspeed [runner flags] launch/pretrain.sh --config CONFIG [section.key=value ...]" >&2
+  echo "usage: bash $0 CONFIG [section.key=value ...]" >&2
+  echo "   or: deepspeed [runner flags] $0 --config CONFIG [section.key=value ...]" >&2
   exit 2
 fi
 config="$1"; shift
 python="${PYTHON:-$( [ -x "$repo/.venv/bin/python" ] && echo "$repo/.venv/bin/python" || echo python3 )}"
-mapfile -t runner_flags < <(cd "$repo" && "$python" -m pretrain.launch_flags "$config" "$@")
+script="launch/$(basename "$0")"
+mapfile -t runner_flags < <(cd "$repo" && "$python" -m pretrain.launch_flags --script "$script" "$config" "$@")
 deepspeed="$(dirname "$python")/deepspeed"
 [ -x "$deepspeed" ] || deepspeed=deepspeed
 cd "$repo"
-echo "+ $deepspeed ${runner_flags[*]} launch/pretrain.sh --config $config $*" >&2
-"$deepspeed" "${runner_flags[@]}" launch/pretrain.sh --config "$config" "$@" &
+echo "+ $deepspeed ${runner_flags[*]} $script --config $config $*" >&2
+"$deepspeed" "${runner_flags[@]}" "$script" --config "$config" "$@" &
 runner=$!
 
 # Preemption: the single-node deepspeed runner does not pass SIGTERM on, so forward it to the
@@ -44,10 +45,10 @@ while kill -0 "$runner" 2>/dev/null; do  # a trapped signal interrupts `wait`: w
 done
 exit "$status"
 '''
+import importlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pretrain.train import main  # noqa: E402
-
-main(sys.argv[1:])
+entry = {"pretrain.sh": "pretrain.train", "posttrain.sh": "posttrain.train"}[os.path.basename(__file__)]
+importlib.import_module(entry).main(sys.argv[1:])

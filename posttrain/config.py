@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, LaunchConfig
 
 
 @dataclass
@@ -73,6 +73,7 @@ class PostConfig:
     trigger: TriggerSection = field(default_factory=TriggerSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self):
         if not self.reasoner.path:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from pretrain.checkpoint import rng_state, set_rng_state
@@ -67,9 +68,11 @@ class System:
         chosen = [p for j, p in enumerate(points) if trigger.decide(None, 0, j)[0]]
         return chosen[:self.augment.max_insertions]
 
-    def rollouts(self, problems, group: int, sample: bool):
+    def rollouts(self, problems, group: int, sample: bool, grad: bool = False):
+        """Decode G answers per problem. grad=True keeps the learned trigger's decision log-probs
+        differentiable (reasoner and weaver are frozen then, so nothing else builds a graph)."""
         prompts = [self.tok.encode(p.prompt) for p in problems for _ in range(group)]
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return prompts, generate(self.reasoner, self.weaver, prompts, self.augment, self.trigger, self.delims,
                                      self.cfg.train.max_new_tokens, self.tok.eos_id, sample=sample,
                                      temperature=self.cfg.train.temperature)
@@ -109,7 +112,7 @@ def grpo_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
 def trigger_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
     """REINFORCE with group baselines for the learned trigger: reward = exact match - cost x insertions."""
     t = system.cfg.train
-    prompts, gen = system.rollouts(problems, t.group_size, sample=False)
+    prompts, gen = system.rollouts(problems, t.group_size, sample=False, grad=True)
     rewards = torch.tensor([float(is_correct(system.tok.decode(toks), problems[i // t.group_size],
                                              system.cfg.data.answer_pattern))
                             - system.cfg.trigger.insertion_cost * len(gen.insertions[i])
@@ -118,7 +121,9 @@ def trigger_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
     terms = [adv[i] * torch.stack(lp).sum() for i, lp in enumerate(gen.trigger_log_probs) if lp]
     stats["reward"] = rewards.mean().item()
     stats["insertions"] = sum(len(i) for i in gen.insertions) / len(gen.insertions)
-    return -torch.stack(terms).mean() if terms else torch.zeros((), requires_grad=True)
+    if not terms:  # no delimiter was met: a zero loss that still reaches the trigger's parameters
+        return sum(p.sum() for p in system.trigger.parameters()) * 0.0
+    return -torch.stack(terms).mean()
 
 
 def evaluate(system: System, problems, batch: int = 16) -> float:
@@ -133,22 +138,32 @@ def evaluate(system: System, problems, batch: int = 16) -> float:
 
 
 def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int):
+    """Collective. Rank 0 writes the trainable modules and optimizer state (identical on every rank:
+    ZeRO-0 data parallelism), every rank its RNG state; `latest` moves last."""
+    rank = dist.get_rank()
     root = out / "checkpoints"
     ckpt = root / f"step_{step}"
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    system.weaver.save(ckpt)
-    if isinstance(system.trigger, torch.nn.Module):
-        save_file({k: v.contiguous() for k, v in system.trigger.state_dict().items()}, ckpt / "trigger.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, ckpt / "optimizer.pt")
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "reasoner": system.cfg.reasoner.path}))
-    tmp = root / "latest.tmp"
-    tmp.write_text(ckpt.name)
-    os.replace(tmp, root / "latest")
-    done = sorted((p for p in root.glob("step_*") if (p / "trainer_state.json").exists()),
-                  key=lambda p: int(p.name[5:]))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old)
+    if rank == 0:
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        system.weaver.save(ckpt)
+        if isinstance(system.trigger, torch.nn.Module):
+            save_file({k: v.contiguous() for k, v in system.trigger.state_dict().items()}, ckpt / "trigger.safetensors")
+        torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
+    dist.barrier()
+    torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "reasoner": system.cfg.reasoner.path,
+                                                             "world_size": dist.get_world_size()}))
+        tmp = root / "latest.tmp"
+        tmp.write_text(ckpt.name)
+        os.replace(tmp, root / "latest")
+        done = sorted((p for p in root.glob("step_*") if (p / "trainer_state.json").exists()),
+                      key=lambda p: int(p.name[5:]))
+        for old in done[:-keep_last]:
+            shutil.rmtree(old)
+    dist.barrier()
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -161,7 +176,14 @@ def find_checkpoint(out: Path) -> Path | None:
 
 
 def run(cfg: PostConfig) -> System:
-    torch.manual_seed(cfg.train.seed)
+    """Train as configured. Data parallel over the ranks of `deepspeed launch/posttrain.sh` (ZeRO-0:
+    the trainable modules are small), or one process."""
+    import deepspeed
+
+    from pretrain.train import init_distributed
+
+    rank, world = init_distributed()
+    torch.manual_seed(cfg.train.seed)  # identical initial weaver on every rank
     system = System(cfg)
     t, out = cfg.train, Path(cfg.train.output_dir)
     module = system.trigger if t.mode == "trigger" else system.weaver
@@ -180,16 +202,23 @@ def run(cfg: PostConfig) -> System:
         system.weaver.load(ckpt)
         if (ckpt / "trigger.safetensors").exists() and isinstance(system.trigger, torch.nn.Module):
             system.trigger.load_state_dict(load_file(ckpt / "trigger.safetensors"))
-        saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"])
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
         step = state["step"]
-        print(f"resumed from {ckpt} (step {step})", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "a")
+    torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # rollouts differ across ranks
+    if ckpt is not None and (ckpt / f"rng_rank{rank}.pt").exists():
+        set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False))
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config={
+        "train_batch_size": t.batch_size * world, "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": 1, "gradient_clipping": t.grad_clip, "zero_optimization": {"stage": 0},
+        "steps_per_print": 10**9})
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"posttrain {t.mode}: world {world}, {sum(p.numel() for p in params):,} trainable parameters"
+              + (f", resumed from {ckpt} (step {step})" if ckpt else ""), flush=True)
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
     order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(t.seed)).tolist()
     while step < t.max_steps:
-        start = step * t.batch_size
+        start = (step * world + rank) * t.batch_size
         batch = [problems[order[(start + i) % len(order)]] for i in range(t.batch_size)]
         stats = {}
         if t.mode == "sft":
@@ -198,20 +227,22 @@ def run(cfg: PostConfig) -> System:
             loss = grpo_step_loss(system, batch, stats)
         else:
             loss = trigger_step_loss(system, batch, stats)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.backward(loss)
+        engine.step()
         step += 1
-        record = {"step": step, "loss": loss.item(), **stats}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        if step % t.log_every == 0 or step == 1:
-            print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-                  flush=True)
+        reduced = torch.tensor([loss.item(), *stats.values()], dtype=torch.float64)
+        dist.all_reduce(reduced)
+        record = {"step": step, **dict(zip(["loss", *stats], (reduced / world).tolist()))}
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if step % t.log_every == 0 or step == 1:
+                print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                      flush=True)
         if step % t.save_every == 0 or step == t.max_steps:
             save_checkpoint(system, optimizer, out, step, t.keep_last)
-    log.close()
+    if log is not None:
+        log.close()
     return system
 
 

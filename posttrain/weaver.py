@@ -52,7 +52,7 @@ class Weaver(nn.Module):
         self.proj_out = nn.Linear(d_w, d_r)
         self.queries = nn.ParameterDict({kind: nn.Parameter(torch.randn(k, d_w) * 0.02) for kind in KINDS})
         self.norms = nn.ModuleDict({kind: nn.LayerNorm(d_w) for kind in KINDS})
-        self.scales = nn.ParameterDict({kind: nn.Parameter(torch.ones(())) for kind in KINDS})
+        self.scales = nn.ParameterDict({kind: nn.Parameter(torch.ones(1)) for kind in KINDS})  # 1-D: DeepSpeed broadcasts it
         dtype = base.get_input_embeddings().weight.dtype
         for module in (self.proj_in, self.proj_out, self.norms):
             module.to(dtype)

@@ -32,8 +32,13 @@ def runner_flags(cfg, env=os.environ) -> list[str]:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    cls = None
+    if argv[:1] == ["--script"]:
+        script, argv = argv[1], argv[2:]
+        if script.endswith("posttrain.sh"):
+            from posttrain.config import PostConfig as cls
     try:
-        cfg = load_config(argv[0], argv[1:])
+        cfg = load_config(argv[0], argv[1:], cls=cls)
         print("\n".join(runner_flags(cfg)))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -84,15 +84,16 @@ def test_resume_is_exact(reasoner_dir, tmp_path, mode):
     saved = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
     assert saved == ["latest", "step_2", "step_4"]
     files = {p.name for p in (tmp_path / "split" / "checkpoints" / "step_4").iterdir()}
-    assert files == {"weaver.safetensors", "weaver.json", "optimizer.pt", "trainer_state.json"}
+    assert files == {"weaver.safetensors", "weaver.json", "optimizer.pt", "trainer_state.json", "rng_rank0.pt"}
 
 
 def test_learned_trigger_trains_alone(reasoner_dir, tmp_path):
     system = run(config(reasoner_dir, tmp_path / "t", **{"train.mode": "trigger", "trigger.policy": "learned",
                                                           "train.group_size": 2, "train.max_steps": 2,
-                                                          "augment.delimiters": "[' ']"}))
+                                                          "augment.delimiters": "['0','1','2','3','4','5','6','7','8','9']"}))
     records = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all("insertions" in r for r in records)
+    assert any(r["insertions"] > 0 for r in records)  # decisions were taken
     assert (tmp_path / "t" / "checkpoints" / "step_2" / "trigger.safetensors").exists()
 
 
@@ -113,3 +114,21 @@ def test_bad_inputs_are_named(reasoner_dir, tmp_path):
     bad.write_text('{"question": "1+1?"}\n')
     with pytest.raises(ProblemError, match="'question' and 'answer'"):
         load_problems(str(bad))
+
+
+@pytest.mark.slow
+def test_two_ranks_under_the_deepspeed_runner(reasoner_dir, tmp_path):
+    """`deepspeed --num_gpus 2 launch/posttrain.sh --config configs/posttrain_sft.yaml ...` trains and saves."""
+    import subprocess
+
+    from helpers.training import REPO, deepspeed_cmd
+
+    out = tmp_path / "ddp"
+    cmd = deepspeed_cmd(2) + ["launch/posttrain.sh", "--config", REPO_CONFIG, f"reasoner.path={reasoner_dir}",
+                              f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=2",
+                              "weaver.num_latents=2", "weaver.lora_r=4"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    ckpt = out / "checkpoints" / "step_2"
+    assert {"rng_rank0.pt", "rng_rank1.pt", "weaver.safetensors"} <= {p.name for p in ckpt.iterdir()}
