@@ -8,6 +8,7 @@ trainer_state.json; `latest` moves last. `train.resume=auto` continues exactly.
 """
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, spli
 from .config import PostConfig
 from .data import ProblemError, is_correct, load_problems
 from .grpo import group_advantages, grpo_loss
-from .reasoner import ReasonerError, load_reasoner
+from .reasoner import ReasonerError, freeze, load_reasoner
 from .trigger import FixedTrigger, build_trigger
 from .weaver import Weaver, WeaverConfig
 
@@ -54,6 +55,9 @@ class System:
         self.trigger = build_trigger(cfg.trigger.policy, d)
         if cfg.trigger.init_from:
             self.trigger.load_state_dict(load_file(Path(cfg.trigger.init_from) / "trigger.safetensors"))
+        # GRPO's KL anchor: the weaver as it starts (before any resume), frozen
+        self.reference = (freeze(copy.deepcopy(self.weaver)) if cfg.train.mode == "grpo" and cfg.train.kl_beta
+                          else None)
         self.augment = AugmentConfig(cfg.augment.prompt_augment, cfg.augment.max_insertions,
                                      list(cfg.augment.delimiters))
         self.delims = delimiter_ids(self.tok, self.augment.delimiters)
@@ -105,8 +109,14 @@ def grpo_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
     embeds, labels, mask = batch_splices(examples)
     logp = token_log_probs(system.reasoner, embeds, labels, mask)
     token_mask = torch.roll(labels != -100, -1, dims=1) & (torch.arange(labels.shape[1]) < labels.shape[1] - 1)
+    logp_ref = None
+    if system.reference is not None:
+        with torch.no_grad():
+            ref = batch_splices([splice(system.reasoner, system.reference, p, toks, ins, system.augment)
+                                 for p, toks, ins in zip(prompts, gen.tokens, gen.insertions)])
+            logp_ref = token_log_probs(system.reasoner, *ref)
     stats["reward"] = rewards.mean().item()
-    return grpo_loss(logp, logp.detach(), adv, token_mask, t.clip_eps)
+    return grpo_loss(logp, logp.detach(), adv, token_mask, t.clip_eps, t.kl_beta, logp_ref)
 
 
 def trigger_step_loss(system: System, problems, stats: dict) -> torch.Tensor:

@@ -73,9 +73,9 @@ def test_grpo_advantage_and_loss_match_a_hand_computation():
     torch.testing.assert_close(with_kl, torch.tensor(total / n) + 0.1 * (kl * mask).sum() / 5)
 
 
-@pytest.mark.parametrize("mode", ["sft", "grpo"])
-def test_resume_is_exact(reasoner_dir, tmp_path, mode):
-    extra = {"train.mode": mode, "train.group_size": 2, "train.batch_size": 2}
+@pytest.mark.parametrize("mode,kl", [("sft", 0.0), ("grpo", 0.0), ("grpo", 0.1)])
+def test_resume_is_exact(reasoner_dir, tmp_path, mode, kl):
+    extra = {"train.mode": mode, "train.group_size": 2, "train.batch_size": 2, "train.kl_beta": kl}
     straight = run(config(reasoner_dir, tmp_path / "straight", **{**extra, "train.max_steps": 4}))
     run(config(reasoner_dir, tmp_path / "split", **{**extra, "train.max_steps": 2}))
     resumed = run(config(reasoner_dir, tmp_path / "split", **{**extra, "train.max_steps": 4}))
