@@ -1,0 +1,147 @@
+"""A Gnosis-style correctness head (spec/memgen_ltpo_gnosis.md 3): from the frozen reasoner's final
+hidden states over prompt + (latents) + completion and the completion's token probabilities, predict
+P(final answer correct). Trained with BCE on the reasoner's own completions labelled by exact match.
+
+Streams (attention maps are not exposed by SDPA/FlashAttention through the standard interface, so
+they are left out; Gnosis' optional confidence stream is used instead):
+* hidden: LayerNorm -> Linear(d -> w) -> adaptive average pool over time to 64 steps -> three dilated
+  grouped Conv1d blocks (residual) -> attention pooling with 3 learned seeds -> MLP -> w;
+* confidence: per completion token [p(token), log p(token), entropy] -> Linear -> pool -> conv ->
+  attention pooling -> MLP -> w / 2;
+* fusion: a softmax gate over the two streams (LayerNorm + Linear -> 1 each), concatenation, MLP -> 1.
+Width w = clamp(d / 4, 32, 512): about 5M parameters for a 2048-wide reasoner.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .reasoner import ReasonerError, last_hidden
+
+POOL = 64
+
+
+class _Stream(nn.Module):
+    def __init__(self, d_in: int, width: int, seeds: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, width))
+        self.convs = nn.ModuleList(nn.Sequential(
+            nn.Conv1d(width, width, 5, padding=2 * dil, dilation=dil, groups=8 if width % 8 == 0 else 1),
+            nn.GroupNorm(8 if width % 8 == 0 else 1, width), nn.GELU()) for dil in (1, 2, 4))
+        self.seeds = nn.Parameter(torch.randn(seeds, width) * 0.02)
+        self.attn = nn.MultiheadAttention(width, 4 if width % 4 == 0 else 1, batch_first=True)
+        self.out = nn.Sequential(nn.Linear(seeds * width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+        """sequences: B tensors (L_i, d_in) of real positions -> (B, width)."""
+        pooled = torch.stack([F.adaptive_avg_pool1d(self.proj(s.float()).T[None], POOL)[0] for s in sequences])
+        x = pooled  # (B, width, POOL)
+        for conv in self.convs:
+            x = x + conv(x)
+        x = x.transpose(1, 2)
+        seeds = self.seeds.expand(x.shape[0], -1, -1)
+        summary, _ = self.attn(seeds, x, x)
+        return self.out(summary.flatten(1))
+
+
+class CorrectnessHead(nn.Module):
+    def __init__(self, hidden_size: int, width: int | None = None):
+        super().__init__()
+        w = width or max(32, min(512, hidden_size // 4))
+        self.hidden_size, self.width = hidden_size, w
+        self.hidden = _Stream(hidden_size, w, seeds=3)
+        self.confidence = _Stream(3, w // 2, seeds=2)
+        self.gates = nn.ModuleList([nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 1)),
+                                    nn.Sequential(nn.LayerNorm(w // 2), nn.Linear(w // 2, 1))])
+        self.mlp = nn.Sequential(nn.LayerNorm(w + w // 2), nn.Linear(w + w // 2, w), nn.GELU(), nn.Linear(w, 1))
+
+    def forward(self, hidden: list[torch.Tensor], token_stats: list[torch.Tensor]) -> torch.Tensor:
+        """hidden: B x (L_i, d) final hidden states; token_stats: B x (C_i, 3) -> logits (B,)."""
+        streams = [self.hidden(hidden), self.confidence(token_stats)]
+        gates = torch.softmax(torch.cat([g(s) for g, s in zip(self.gates, streams)], -1), -1)
+        fused = torch.cat([s * gates[:, i:i + 1] for i, s in enumerate(streams)], -1)
+        return self.mlp(fused).squeeze(-1)
+
+    def save(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "head.safetensors")
+        (folder / "head.json").write_text(json.dumps({"hidden_size": self.hidden_size, "width": self.width}))
+
+
+def load_head(folder, hidden_size: int | None = None) -> CorrectnessHead:
+    folder = Path(folder)
+    if not (folder / "head.json").exists():
+        raise ReasonerError(f"{folder} is not a saved correctness head (no head.json)")
+    meta = json.loads((folder / "head.json").read_text())
+    if hidden_size is not None and meta["hidden_size"] != hidden_size:
+        raise ReasonerError(f"correctness head {folder} reads hidden size {meta['hidden_size']}, the reasoner has "
+                            f"{hidden_size}; train a head for this reasoner")
+    head = CorrectnessHead(meta["hidden_size"], meta["width"])
+    head.load_state_dict(load_file(folder / "head.safetensors"))
+    return head
+
+
+@torch.no_grad()
+def head_inputs(reasoner, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+    """Run the frozen reasoner once over spliced sequences: per row, the final hidden states of its
+    real positions and [p, log p, entropy] of each completion token (labels != -100)."""
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = reasoner(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                   output_hidden_states=True)
+    hidden, logp = last_hidden(out), torch.log_softmax(out.logits.float(), -1)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    hiddens, stats = [], []
+    for i in range(embeds.shape[0]):
+        hiddens.append(hidden[i][mask[i].bool()])
+        at = targets[i] != -100
+        lp = logp[i][at].gather(-1, targets[i][at][:, None]).squeeze(-1)
+        entropy = -(logp[i][at].exp() * logp[i][at]).sum(-1)
+        rows = torch.stack([lp.exp(), lp, entropy], -1)
+        stats.append(rows if len(rows) else torch.zeros(1, 3))
+    return hiddens, stats
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tie correction); 0.5 when one class is missing."""
+    scores, labels = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels).bool()
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return 0.5
+    greater = (pos[:, None] > neg[None, :]).double().sum() + 0.5 * (pos[:, None] == neg[None, :]).double().sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def calibration_error(probs, labels, bins: int = 10) -> float:
+    """Expected calibration error over equal-width probability bins."""
+    probs, labels = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64)
+    edges = torch.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (probs >= lo) & ((probs < hi) | (hi == 1))
+        if inside.any():
+            total += inside.double().mean() * (probs[inside].mean() - labels[inside].mean()).abs()
+    return float(total)
+
+
+def train_head(head: CorrectnessHead, data: list, steps: int = 200, lr: float = 1e-3, batch: int = 16,
+               seed: int = 0) -> list[float]:
+    """BCE training on (hidden, token_stats, label) triples; returns the loss per step."""
+    opt = torch.optim.AdamW(head.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    head.train()
+    for _ in range(steps):
+        idx = torch.randint(len(data), (min(batch, len(data)),), generator=g).tolist()
+        logits = head([data[i][0] for i in idx], [data[i][1] for i in idx])
+        loss = F.binary_cross_entropy_with_logits(logits, torch.tensor([float(data[i][2]) for i in idx]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    head.eval()
+    return losses

@@ -1,0 +1,106 @@
+"""LTPO (reward, update, weights untouched, early stop) and the correctness head."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.reasoners import tiny_reasoner
+from posttrain.correctness import CorrectnessHead, auroc, calibration_error, head_inputs, load_head, train_head
+from posttrain.ltpo import LTPOConfig, confidence, confidence_reward, optimize, prompt_embeds
+
+
+def test_confidence_equals_an_independent_computation():
+    logits = torch.randn(2, 3, 50)
+    probs = torch.softmax(logits, -1)
+    expected = torch.zeros(2)
+    for b in range(2):
+        per_position = [-(sorted(probs[b, p].tolist(), reverse=True)[:10] and
+                          sum(torch.log(torch.tensor(sorted(probs[b, p].tolist(), reverse=True)[:10])).tolist()) / 10)
+                        for p in range(3)]
+        expected[b] = sum(per_position) / 3
+    torch.testing.assert_close(confidence(logits, 10), expected)
+
+
+def test_ltpo_increases_a_toy_reward_on_average():
+    target = torch.randn(1, 4, 8)
+
+    def reward(h):
+        return -((h - target) ** 2).sum((1, 2))
+
+    gains = []
+    for seed in range(20):
+        start = torch.zeros(3, 4, 8)
+        result = optimize(start, reward, LTPOConfig(lr=0.003, sigma=0.1, steps=10),
+                          generator=torch.Generator().manual_seed(seed))
+        gains.append((result.reward - result.initial_reward).mean().item())
+        torch.testing.assert_close(result.reward, reward(result.latents))  # the best kept is what was scored
+    assert sum(gains) / len(gains) > 0 and sum(g > 0 for g in gains) >= 15
+
+
+def test_ltpo_on_a_reasoner_leaves_its_weights_bit_identical():
+    reasoner = tiny_reasoner("looplm")
+    before = {k: v.clone() for k, v in reasoner.state_dict().items()}
+    embeds, mask = prompt_embeds(reasoner, [[5, 6, 7], [8, 9]])
+    result = optimize(torch.randn(2, 4, 64) * 0.1, confidence_reward(reasoner, embeds, mask),
+                      LTPOConfig(), generator=torch.Generator().manual_seed(0))
+    assert result.steps.tolist() == [10, 10] and (result.reward >= result.initial_reward).all()
+    assert all(torch.equal(before[k], v) for k, v in reasoner.state_dict().items())
+
+
+def test_correctness_style_early_stop_at_the_threshold():
+    calls = []
+
+    def reward(h):  # the "probability" rises by 0.2 per evaluation: crosses 0.95 on the third
+        calls.append(1)
+        return torch.full((h.shape[0],), min(0.2 * len(calls), 0.99))
+
+    result = optimize(torch.zeros(2, 2, 4), reward, LTPOConfig(stop_at=0.95, steps=10))
+    assert (result.reward >= 0.95).all() and result.steps.tolist() == [2, 2]
+
+
+def test_correctness_head_learns_a_separable_labelling_and_its_loss_is_bce(tmp_path):
+    torch.manual_seed(0)
+    data = []
+    direction = torch.cat([torch.ones(8), -torch.ones(8)])  # a pattern LayerNorm does not remove
+    for i in range(64):  # label = sign of that direction in the hidden states
+        label = i % 2
+        hidden = torch.randn(int(torch.randint(3, 20, ())), 16) + (1.0 if label else -1.0) * direction
+        data.append((hidden, torch.rand(5, 3), label))
+    head = CorrectnessHead(16)
+    train_head(head, data[:48], steps=150, lr=3e-3)
+    with torch.no_grad():
+        probs = torch.sigmoid(head([d[0] for d in data[48:]], [d[1] for d in data[48:]]))
+    assert auroc(probs, [d[2] for d in data[48:]]) > 0.95
+    with torch.no_grad():
+        logits = head([d[0] for d in data[:8]], [d[1] for d in data[:8]])
+    labels = torch.tensor([float(d[2]) for d in data[:8]])
+    p = torch.sigmoid(logits.double())
+    independent = -(labels * torch.log(p) + (1 - labels) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(F.binary_cross_entropy_with_logits(logits, labels).double(), independent,
+                               atol=1e-6, rtol=1e-6)
+    head.save(tmp_path / "h")
+    again = load_head(tmp_path / "h", 16)
+    with torch.no_grad():
+        torch.testing.assert_close(again([d[0] for d in data[:4]], [d[1] for d in data[:4]]),
+                                   head([d[0] for d in data[:4]], [d[1] for d in data[:4]]))
+
+
+def test_auroc_and_calibration_against_hand_values():
+    assert auroc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]) == 1.0
+    assert auroc([0.1, 0.8, 0.3, 0.9], [1, 1, 0, 0]) == 0.25  # 1 of 4 (pos, neg) pairs ordered
+    assert auroc([0.5, 0.5], [1, 0]) == 0.5
+    assert calibration_error([1.0, 0.0], [1, 0]) == 0.0
+    assert calibration_error([0.75, 0.75, 0.75, 0.75], [1, 1, 1, 0]) == pytest.approx(0.0)
+    assert calibration_error([0.95, 0.95], [0, 0]) == pytest.approx(0.95)
+
+
+def test_head_inputs_and_parameter_count():
+    reasoner = tiny_reasoner("llama")
+    embeds = reasoner.get_input_embeddings()(torch.randint(0, 256, (2, 6)))
+    labels = torch.tensor([[-100, -100, 5, 6, 7, -100], [-100, -100, -100, 1, 2, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    hidden, stats = head_inputs(reasoner, embeds, labels, mask)
+    assert [h.shape for h in hidden] == [(5, 64), (6, 64)] and [s.shape for s in stats] == [(3, 3), (3, 3)]
+    assert ((stats[0][:, 0] > 0) & (stats[0][:, 0] <= 1)).all()
+    big = sum(p.numel() for p in CorrectnessHead(2048).parameters())
+    assert 3e6 < big < 7e6  # "about 5M" at the seed scale
