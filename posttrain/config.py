@@ -63,6 +63,9 @@ class TrainSection:
     temperature: float = 1.0
     clip_eps: float = 0.2
     kl_beta: float = 0.0
+    joint_head: bool = False  # GRPO: also train a correctness head on the rollouts' exact-match labels
+    head_lr: float = 1e-3
+    head_init_from: str | None = None
 
 
 @dataclass
@@ -84,5 +87,7 @@ class PostConfig:
             raise ConfigError("config key trigger.policy must be 'learned' when train.mode is trigger")
         if self.train.mode == "grpo" and self.train.group_size < 2:
             raise ConfigError("config key train.group_size must be at least 2 for GRPO")
+        if self.train.joint_head and self.train.mode != "grpo":
+            raise ConfigError("config key train.joint_head trains the head on GRPO rollouts: set train.mode=grpo")
         if self.weaver.num_latents < 1 or self.augment.max_insertions < 0:
             raise ConfigError("config keys weaver.num_latents (>= 1) and augment.max_insertions (>= 0)")

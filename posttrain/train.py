@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pretrain.checkpoint import rng_state, set_rng_state
@@ -25,6 +26,7 @@ from pretrain.data import Tokenizer
 
 from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice, token_log_probs
 from .config import PostConfig
+from .correctness import CorrectnessHead, auroc, head_inputs, load_head
 from .data import ProblemError, is_correct, load_problems
 from .grpo import group_advantages, grpo_loss
 from .reasoner import ReasonerError, freeze, load_reasoner
@@ -58,6 +60,10 @@ class System:
         # GRPO's KL anchor: the weaver as it starts (before any resume), frozen
         self.reference = (freeze(copy.deepcopy(self.weaver)) if cfg.train.mode == "grpo" and cfg.train.kl_beta
                           else None)
+        self.head = None
+        if cfg.train.joint_head:
+            self.head = load_head(cfg.train.head_init_from, d) if cfg.train.head_init_from else CorrectnessHead(d)
+        self.last_rollout = None  # (spliced inputs, rewards) of the latest GRPO step, for the joint head
         self.augment = AugmentConfig(cfg.augment.prompt_augment, cfg.augment.max_insertions,
                                      list(cfg.augment.delimiters))
         self.delims = delimiter_ids(self.tok, self.augment.delimiters)
@@ -116,7 +122,28 @@ def grpo_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
                                  for p, toks, ins in zip(prompts, gen.tokens, gen.insertions)])
             logp_ref = token_log_probs(system.reasoner, *ref)
     stats["reward"] = rewards.mean().item()
+    system.last_rollout = ((embeds.detach(), labels, mask), rewards)
     return grpo_loss(logp, logp.detach(), adv, token_mask, t.clip_eps, t.kl_beta, logp_ref)
+
+
+def head_step(system: System, optimizer, stats: dict) -> None:
+    """Joint training: one BCE step of the correctness head on the latest GRPO rollouts (latents
+    inserted as at inference; no gradient reaches the reasoner or the weaver). Gradients are averaged
+    over ranks."""
+    inputs, rewards = system.last_rollout
+    hidden, token_stats = head_inputs(system.reasoner, *inputs)
+    logits = system.head(hidden, token_stats)
+    loss = F.binary_cross_entropy_with_logits(logits, rewards.float())
+    loss.backward()
+    world = dist.get_world_size()
+    for p in system.head.parameters():
+        if p.grad is not None and world > 1:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats["head_loss"] = loss.item()
+    stats["head_auroc"] = auroc(torch.sigmoid(logits.detach()), rewards.bool())
 
 
 def trigger_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
@@ -147,7 +174,7 @@ def evaluate(system: System, problems, batch: int = 16) -> float:
     return correct / max(len(problems), 1)
 
 
-def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int):
+def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int, head_optimizer=None):
     """Collective. Rank 0 writes the trainable modules and optimizer state (identical on every rank:
     ZeRO-0 data parallelism), every rank its RNG state; `latest` moves last."""
     rank = dist.get_rank()
@@ -159,7 +186,10 @@ def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int):
         system.weaver.save(ckpt)
         if isinstance(system.trigger, torch.nn.Module):
             save_file({k: v.contiguous() for k, v in system.trigger.state_dict().items()}, ckpt / "trigger.safetensors")
-        torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
+        if system.head is not None:
+            system.head.save(ckpt / "head")
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "head_optimizer": head_optimizer.state_dict() if head_optimizer else None}, ckpt / "optimizer.pt")
     dist.barrier()
     torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
     dist.barrier()
@@ -201,6 +231,7 @@ def run(cfg: PostConfig) -> System:
         system.weaver.requires_grad_(False)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    head_optimizer = torch.optim.AdamW(system.head.parameters(), lr=t.head_lr) if system.head is not None else None
     problems = load_problems(cfg.data.train, cfg.data.max_train, "train", cfg.train.seed)
     step = 0
     ckpt = find_checkpoint(out) if t.resume == "auto" else (Path(t.resume) if t.resume != "none" else None)
@@ -212,7 +243,11 @@ def run(cfg: PostConfig) -> System:
         system.weaver.load(ckpt)
         if (ckpt / "trigger.safetensors").exists() and isinstance(system.trigger, torch.nn.Module):
             system.trigger.load_state_dict(load_file(ckpt / "trigger.safetensors"))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        if system.head is not None:
+            system.head.load_state_dict(load_head(ckpt / "head").state_dict())
+            head_optimizer.load_state_dict(saved["head_optimizer"])
         step = state["step"]
     torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # rollouts differ across ranks
     if ckpt is not None and (ckpt / f"rng_rank{rank}.pt").exists():
@@ -239,6 +274,8 @@ def run(cfg: PostConfig) -> System:
             loss = trigger_step_loss(system, batch, stats)
         engine.backward(loss)
         engine.step()
+        if system.head is not None:
+            head_step(system, head_optimizer, stats)
         step += 1
         reduced = torch.tensor([loss.item(), *stats.values()], dtype=torch.float64)
         dist.all_reduce(reduced)
@@ -250,7 +287,7 @@ def run(cfg: PostConfig) -> System:
                 print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
                       flush=True)
         if step % t.save_every == 0 or step == t.max_steps:
-            save_checkpoint(system, optimizer, out, step, t.keep_last)
+            save_checkpoint(system, optimizer, out, step, t.keep_last, head_optimizer)
     if log is not None:
         log.close()
     return system

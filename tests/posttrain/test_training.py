@@ -87,6 +87,23 @@ def test_resume_is_exact(reasoner_dir, tmp_path, mode, kl):
     assert files == {"weaver.safetensors", "weaver.json", "optimizer.pt", "trainer_state.json", "rng_rank0.pt"}
 
 
+def test_joint_correctness_head_on_grpo_rollouts_resumes_exactly(reasoner_dir, tmp_path):
+    from posttrain.correctness import load_head
+
+    extra = {"train.mode": "grpo", "train.group_size": 2, "train.batch_size": 2, "train.joint_head": True}
+    straight = run(config(reasoner_dir, tmp_path / "straight", **{**extra, "train.max_steps": 3}))
+    run(config(reasoner_dir, tmp_path / "split", **{**extra, "train.max_steps": 2}))
+    resumed = run(config(reasoner_dir, tmp_path / "split", **{**extra, "train.max_steps": 3}))
+    a, b = straight.head.state_dict(), resumed.head.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all("head_loss" in r and 0 <= r["head_auroc"] <= 1 for r in records)
+    head = load_head(tmp_path / "split" / "checkpoints" / "step_3" / "head", 64)
+    assert all(torch.equal(head.state_dict()[k], b[k]) for k in b)
+    with pytest.raises(ConfigError, match="joint_head"):
+        config(reasoner_dir, tmp_path / "x", **{"train.joint_head": True})
+
+
 def test_learned_trigger_trains_alone(reasoner_dir, tmp_path):
     system = run(config(reasoner_dir, tmp_path / "t", **{"train.mode": "trigger", "trigger.policy": "learned",
                                                           "train.group_size": 2, "train.max_steps": 2,
