@@ -49,7 +49,7 @@ def main():
     common = [f"reasoner.path={args.reasoner}", f"data.train=synthetic:{args.task}", "train.resume=none",
               "train.log_every=50", "train.max_new_tokens=4", "augment.delimiters=[' ']"]
     started = time.time()
-    sft_dir = f"{args.output}/sft"
+    sft_dir = f"{args.output}/{args.task}/sft"
     system = run(load_config(REPO / "configs/posttrain_sft.yaml", common + [
         f"train.output_dir={sft_dir}", f"train.max_steps={args.sft_steps}", f"train.save_every={args.sft_steps}"],
         cls=PostConfig))
@@ -61,7 +61,7 @@ def main():
     results["+weaver (prompt + inference augmentation)"] = accuracy(system, evals, system.weaver, system.augment)
     if args.grpo_steps:
         system = run(load_config(REPO / "configs/posttrain_grpo.yaml", common + [
-            f"weaver.init_from={sft_dir}/checkpoints/step_{args.sft_steps}", f"train.output_dir={args.output}/grpo",
+            f"weaver.init_from={sft_dir}/checkpoints/step_{args.sft_steps}", f"train.output_dir={args.output}/{args.task}/grpo",
             f"train.max_steps={args.grpo_steps}", f"train.save_every={args.grpo_steps}"], cls=PostConfig))
         results["+weaver after GRPO (prompt + inference augmentation)"] = accuracy(system, evals, system.weaver,
                                                                                   system.augment)

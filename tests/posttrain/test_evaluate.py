@@ -48,7 +48,9 @@ def tiny_gsm8k(tmp_path):
     return path
 
 
-def test_the_four_row_table_on_a_tiny_model(reasoner_dir, tiny_gsm8k, tmp_path):
+@pytest.mark.parametrize("kind", ["looplm", "llama"])
+def test_the_four_row_table_on_a_tiny_model(kind, reasoner_dir, llama_dir, tiny_gsm8k, tmp_path):
+    reasoner_dir = reasoner_dir if kind == "looplm" else llama_dir
     reasoner = load_reasoner(reasoner_dir)
     torch.manual_seed(0)
     weaver = Weaver(reasoner, WeaverConfig(num_latents=2, lora_r=4))
