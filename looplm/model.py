@@ -4,7 +4,8 @@ state-dict names, spec/ouro_format.md).
 Two execution modes of the pass loop:
 * full (training, scoring, prefill): every token runs every pass, as the official code does; the
   exit policy only selects which pass's output a token emits.
-* truncated (decoding after a cached prefix, or `exit_steps` given): a token that has exited stops.
+* truncated (decoding one token per row after a cached prefix, or `exit_steps` given): a token that
+  has exited stops. Multi-token chunks after a prefix (e.g. inserted latent vectors) run every pass.
   Its hidden state, gate and keys/values at deeper passes are copies of its exit pass ("copy-forward",
   see cache.py). With `exit_skip=True` batch rows whose tokens have all exited are not computed at
   all, and once every row has exited the remaining passes are not run; with `exit_skip=False` the
@@ -96,7 +97,8 @@ class LoopLMModel(LoopLMPreTrainedModel):
                 position_ids = torch.arange(past_len, past_len + S, device=h.device)[None]
         mask = build_attention_mask(S, past_len, attention_mask, position_ids)
         rope = self.rotary(position_ids, h.dtype)
-        truncate = exit_steps is not None or (past_len > 0 and exit_policy.is_online)
+        # Only single-token decode steps exit early: chunks (inserted latents, prompts) run every pass.
+        truncate = exit_steps is not None or (past_len > 0 and S == 1 and exit_policy.is_online)
         skip = truncate and exit_skip
 
         hiddens, gates, new_kv = [], [], []

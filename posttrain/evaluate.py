@@ -70,7 +70,8 @@ class Evaluator:
             embeds, mask = prompt_embeds(self.reasoner, prompts)
             start = self._initial_latents(embeds, mask)
             if row == "ltpo":
-                reward, cfg = confidence_reward(self.reasoner, embeds, mask, self.ltpo.top_k), self.ltpo
+                reward = confidence_reward(self.reasoner, embeds, mask, self.ltpo.top_k, self.ltpo.confidence)
+                cfg = self.ltpo
             else:
                 reward = correctness_reward(self.reasoner, weaver, self.head, prompts, augment, self.trigger,
                                             self.delims, self.draft_tokens, self.tok.eos_id)
@@ -131,6 +132,8 @@ def main(argv=None):
     p.add_argument("--ltpo-lr", type=float, default=0.03)
     p.add_argument("--ltpo-sigma", type=float, default=0.1)
     p.add_argument("--stop-at", type=float, default=0.95)
+    p.add_argument("--confidence", default="neg_logprob", choices=["neg_logprob", "probability"],
+                   help="LTPO reward: the paper's -mean log p of the top-k tokens, or their mean probability")
     p.add_argument("--answer-pattern", default=r"####\s*([^\n]+)")
     p.add_argument("--rows", default="vanilla,weaver,ltpo,correctness_ltpo")
     p.add_argument("--output", required=True)
@@ -154,7 +157,8 @@ def main(argv=None):
     split = "eval" if args.data.startswith("synthetic:") else "train"
     problems = load_problems(args.data, args.limit, split=split)
     evaluator = Evaluator(reasoner, tok, weaver, head, AugmentConfig(max_insertions=args.max_insertions),
-                          args.max_new_tokens, LTPOConfig(lr=args.ltpo_lr, sigma=args.ltpo_sigma, steps=args.ltpo_steps),
+                          args.max_new_tokens, LTPOConfig(lr=args.ltpo_lr, sigma=args.ltpo_sigma, steps=args.ltpo_steps,
+                                     confidence=args.confidence),
                           args.stop_at, pattern=args.answer_pattern, draft_tokens=args.draft_tokens)
     torch.manual_seed(0)
     table, outputs = evaluate(evaluator, problems, rows, args.batch)

@@ -23,6 +23,7 @@ class LTPOConfig:
     sigma_decay: float = 0.99
     steps: int = 10
     top_k: int = 10
+    confidence: str = "neg_logprob"  # the paper's code; "probability" = mean top-k probability instead
     stop_at: float | None = None  # Correctness-LTPO: stop a row once its reward >= this (e.g. 0.95)
 
 
@@ -34,12 +35,17 @@ class LTPOResult:
     initial_reward: torch.Tensor  # (B,)
 
 
-def confidence(logits: torch.Tensor, top_k: int = 10) -> torch.Tensor:
-    """The LTPO paper's confidence of next-token distributions: at each position the mean of
-    -log p over the k most likely tokens, averaged over positions (larger = sharper).
-    logits (B, P, V) -> (B,)."""
-    logp = torch.log_softmax(logits.float(), -1)
-    return -logp.topk(top_k, dim=-1).values.mean(-1).mean(-1)
+def confidence(logits: torch.Tensor, top_k: int = 10, kind: str = "neg_logprob") -> torch.Tensor:
+    """Confidence of next-token distributions, averaged over positions; logits (B, P, V) -> (B,).
+
+    "neg_logprob" (the LTPO paper's code, DeepConf-style): the mean of -log p over the k most likely
+    tokens (larger = sharper); "probability": the mean of the k largest probabilities."""
+    logp = torch.log_softmax(logits.float(), -1).topk(top_k, dim=-1).values
+    if kind == "probability":
+        return logp.exp().mean(-1).mean(-1)
+    if kind != "neg_logprob":
+        raise ValueError(f"confidence kind {kind!r} is unknown; use neg_logprob or probability")
+    return -logp.mean(-1).mean(-1)
 
 
 @torch.no_grad()
@@ -84,7 +90,8 @@ def prompt_embeds(reasoner, prompts: list[list[int]], pad_id: int = 0):
     return reasoner.get_input_embeddings()(ids) * mask[..., None], mask
 
 
-def confidence_reward(reasoner, embeds: torch.Tensor, mask: torch.Tensor, top_k: int = 10):
+def confidence_reward(reasoner, embeds: torch.Tensor, mask: torch.Tensor, top_k: int = 10,
+                      kind: str = "neg_logprob"):
     """reward_fn for LTPO: the confidence of the next-token distributions at the latent positions
     (appended after the prompt); the last latent's distribution is that of the first answer token."""
     def reward(latents):
@@ -92,5 +99,5 @@ def confidence_reward(reasoner, embeds: torch.Tensor, mask: torch.Tensor, top_k:
         full = torch.cat([mask, mask.new_ones(latents.shape[:2])], 1)
         positions = (full.long().cumsum(-1) - 1).clamp_min(0)
         logits = reasoner(inputs_embeds=seq, attention_mask=full, position_ids=positions, use_cache=False).logits
-        return confidence(logits[:, -latents.shape[1]:], top_k)
+        return confidence(logits[:, -latents.shape[1]:], top_k, kind)
     return reward

@@ -136,3 +136,16 @@ def test_batched_generation_with_padding_equals_one_by_one(kw):
         alone, alone_logits = greedy(model, p[None], n=8, **extra())
         assert torch.equal(seq[i, width:], alone[0, len(p):]), i
         torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_a_multi_token_chunk_after_a_prefix_runs_every_pass():
+    """Inserted latent vectors (a chunk of embeddings after a cached prefix) never exit early."""
+    model = tiny_model()
+    cache = LoopCache(2)
+    model(torch.randint(0, 256, (1, 5)), past_key_values=cache, use_cache=True)
+    model.model.layer_token_applications = 0
+    chunk = torch.randn(1, 3, 64)
+    out = model(inputs_embeds=chunk, past_key_values=cache, use_cache=True, exit_threshold=0.01)
+    assert model.model.layer_token_applications == 3 * 4 * 2  # 3 positions x T passes x N layers
+    assert (cache.exit_steps[0, 5:] == 3).all() and (out.exit_steps == 0).all()  # selection still per policy

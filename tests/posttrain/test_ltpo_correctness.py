@@ -19,6 +19,9 @@ def test_confidence_equals_an_independent_computation():
                         for p in range(3)]
         expected[b] = sum(per_position) / 3
     torch.testing.assert_close(confidence(logits, 10), expected)
+    mean_top_prob = torch.tensor([sum(sum(sorted(probs[b, p].tolist(), reverse=True)[:10]) / 10 for p in range(3)) / 3
+                                  for b in range(2)])
+    torch.testing.assert_close(confidence(logits, 10, "probability"), mean_top_prob)
 
 
 def test_ltpo_increases_a_toy_reward_on_average():
