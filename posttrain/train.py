@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from pretrain.checkpoint import rng_state, set_rng_state
 from pretrain.config import ConfigError, load_config
 from pretrain.data import Tokenizer
+from pretrain.train import init_distributed, shutdown_distributed
 
 from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice, token_log_probs
 from .config import PostConfig
@@ -220,8 +221,6 @@ def run(cfg: PostConfig) -> System:
     the trainable modules are small), or one process."""
     import deepspeed
 
-    from pretrain.train import init_distributed
-
     rank, world = init_distributed()
     torch.manual_seed(cfg.train.seed)  # identical initial weaver on every rank
     system = System(cfg)
@@ -301,6 +300,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         run(load_config(args.config, args.overrides, cls=PostConfig))
+        shutdown_distributed()
     except (ConfigError, ProblemError, ReasonerError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)

@@ -279,9 +279,18 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
         rank, world = init_distributed()
         run(cfg, rank, world)
+        shutdown_distributed()
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def shutdown_distributed():
+    """Leave together: a rank that exits while a peer still tears down its communicator can make the
+    peer abort (seen with gloo on CPU), so meet at a barrier and destroy the group first."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pretrain.config import load_config  # noqa: E402
-from pretrain.train import init_distributed, run  # noqa: E402
+from pretrain.train import init_distributed, run, shutdown_distributed  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--config", required=True)
@@ -23,3 +23,4 @@ args = p.parse_args()
 rank, world = init_distributed()
 for overrides in json.loads(Path(args.runs).read_text()):
     run(load_config(args.config, overrides), rank, world)
+shutdown_distributed()
