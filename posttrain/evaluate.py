@@ -24,7 +24,7 @@ from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, spli
 from .correctness import head_inputs, load_head
 from .data import extract_prediction, is_correct, load_problems
 from .ltpo import LTPOConfig, confidence_reward, optimize, prompt_embeds
-from .reasoner import hidden_size, load_reasoner
+from .reasoner import hidden_size, load_reasoner, load_tokenizer
 from .trigger import FixedTrigger
 from .weaver import load_weaver
 
@@ -115,8 +115,6 @@ def format_table(table) -> str:
 
 
 def main(argv=None):
-    from pretrain.data import Tokenizer
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reasoner", required=True)
     p.add_argument("--tokenizer", default=None)
@@ -143,8 +141,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"error: unknown --rows {unknown}; choose from {list(ROWS)}")
     reasoner = load_reasoner(args.reasoner)
-    tok_path = Path(args.tokenizer or args.reasoner)
-    tok = Tokenizer(tok_path / "tokenizer.model" if (tok_path / "tokenizer.model").exists() else tok_path)
+    tok = load_tokenizer(args.reasoner, args.tokenizer)
     weaver = load_weaver(reasoner, args.weaver) if args.weaver else None
     head = load_head(args.head, hidden_size(reasoner)) if args.head else None
     if "weaver" in rows and weaver is None:

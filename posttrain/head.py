@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice
 from .correctness import CorrectnessHead, auroc, calibration_error, head_inputs, train_head
 from .data import is_correct, load_problems
-from .reasoner import hidden_size, load_reasoner
+from .reasoner import hidden_size, load_reasoner, load_tokenizer
 from .trigger import FixedTrigger
 from .weaver import load_weaver
 
@@ -56,8 +56,6 @@ def evaluate_head(head, rows) -> dict:
 
 
 def main(argv=None):
-    from pretrain.data import Tokenizer
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reasoner", required=True)
     p.add_argument("--tokenizer", default=None)
@@ -72,8 +70,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
     reasoner = load_reasoner(args.reasoner)
-    tok_path = Path(args.tokenizer or args.reasoner)
-    tok = Tokenizer(tok_path / "tokenizer.model" if (tok_path / "tokenizer.model").exists() else tok_path)
+    tok = load_tokenizer(args.reasoner, args.tokenizer)
     weaver = load_weaver(reasoner, args.weaver) if args.weaver else None
     augment = AugmentConfig(max_insertions=args.max_insertions)
     problems = load_problems(args.data, args.problems)

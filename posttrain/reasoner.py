@@ -27,6 +27,15 @@ def load_reasoner(path: str | Path, dtype: torch.dtype = torch.float32):
     return freeze(model)
 
 
+def load_tokenizer(reasoner_path: str | Path, tokenizer: str | Path | None = None):
+    """The reasoner's tokenizer: `tokenizer` if given, else the reasoner folder's tokenizer.model
+    (a LoopLM export) or its Hugging Face tokenizer files."""
+    from pretrain.data import Tokenizer
+
+    path = Path(tokenizer or reasoner_path)
+    return Tokenizer(path / "tokenizer.model" if (path / "tokenizer.model").exists() else path)
+
+
 def freeze(model):
     model.requires_grad_(False)
     return model.eval()

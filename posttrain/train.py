@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.checkpoint import rng_state, set_rng_state
 from pretrain.config import ConfigError, load_config
-from pretrain.data import Tokenizer
 from pretrain.train import init_distributed, shutdown_distributed
 
 from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice, token_log_probs
@@ -30,16 +29,9 @@ from .config import PostConfig
 from .correctness import CorrectnessHead, auroc, head_inputs, load_head
 from .data import ProblemError, is_correct, load_problems
 from .grpo import group_advantages, grpo_loss
-from .reasoner import ReasonerError, freeze, load_reasoner
+from .reasoner import ReasonerError, freeze, load_reasoner, load_tokenizer
 from .trigger import FixedTrigger, build_trigger
 from .weaver import Weaver, WeaverConfig
-
-
-def reasoner_tokenizer(cfg: PostConfig) -> Tokenizer:
-    path = Path(cfg.reasoner.tokenizer or cfg.reasoner.path)
-    if path.is_dir() and (path / "tokenizer.model").exists():
-        path = path / "tokenizer.model"
-    return Tokenizer(path)
 
 
 class System:
@@ -48,7 +40,7 @@ class System:
     def __init__(self, cfg: PostConfig):
         self.cfg = cfg
         self.reasoner = load_reasoner(cfg.reasoner.path)
-        self.tok = reasoner_tokenizer(cfg)
+        self.tok = load_tokenizer(cfg.reasoner.path, cfg.reasoner.tokenizer)
         w = cfg.weaver
         self.weaver = Weaver(self.reasoner, WeaverConfig(w.num_latents, w.lora_r, w.lora_alpha, w.lora_dropout,
                                                           list(w.lora_targets), reasoner=cfg.reasoner.path))

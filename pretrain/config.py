@@ -183,6 +183,11 @@ def apply_override(tree: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def config_from_dict(tree: dict, cls=None):
+    """A config from an already-parsed mapping (e.g. the one a checkpoint stored), type-checked."""
+    return _build(cls or RunConfig, tree, "")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), cls=None):
     """Load a YAML config into `cls` (default RunConfig), apply overrides, validate."""
     tree = {}

@@ -16,7 +16,7 @@ import torch
 from looplm import LoopLMForCausalLM
 
 from . import checkpoint
-from .config import ConfigError, RunConfig, _build
+from .config import ConfigError, config_from_dict
 from .engine import model_config
 
 
@@ -44,7 +44,7 @@ def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict:
 def export(ckpt_path, output, dtype: str = "float32") -> Path:
     ckpt = resolve(ckpt_path)
     state = checkpoint.read_state(ckpt)
-    cfg = _build(RunConfig, state["config"], "")
+    cfg = config_from_dict(state["config"])
     config = model_config(cfg)
     config.objective = cfg.ouro.objective
     model = LoopLMForCausalLM(config)
