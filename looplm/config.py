@@ -25,7 +25,7 @@ class LoopLMConfig(PretrainedConfig):
     """
 
     model_type = "ouro"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache under both names (compat.py)
 
     def __init__(
         self,

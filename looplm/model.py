@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from .attention import build_attention_mask
 from .cache import LoopCache
+from .compat import CACHE_NAME, cache_argument, output_cache
 from .config import LoopLMConfig
 from .exits import ExitPolicy, exit_distribution, resolve_exit_policy, select_exit_steps
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
@@ -32,14 +33,20 @@ class LoopLMModelOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None  # per pass, after the final norm, (B, S, d)
     gate_logits: torch.Tensor | None = None  # (B, S, T) fp32
     exit_steps: torch.Tensor | None = None  # (B, S) pass each token emits
-    past_key_values: LoopCache | None = None
+    if CACHE_NAME == "cache":  # the field's name is the one the installed transformers uses (compat.py)
+        cache: LoopCache | None = None
+    else:
+        past_key_values: LoopCache | None = None
 
 
 @dataclass
 class LoopLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (B, S, V) under the exit policy
-    past_key_values: LoopCache | None = None
+    if CACHE_NAME == "cache":
+        cache: LoopCache | None = None
+    else:
+        past_key_values: LoopCache | None = None
     step_losses: torch.Tensor | None = None  # (T,) mean CE per pass over the targets
     step_logits: tuple[torch.Tensor, ...] | None = None  # T x (B, S, V), only with output_step_logits
     exit_probs: torch.Tensor | None = None  # (B, S, T) exit pmf
@@ -75,16 +82,18 @@ class LoopLMModel(LoopLMPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                past_key_values: LoopCache | None = None, use_cache=False, num_steps=None,
-                exit_policy: ExitPolicy = ExitPolicy(), exit_steps=None, exit_skip=True) -> LoopLMModelOutput:
+                cache: LoopCache | None = None, use_cache=False, num_steps=None,
+                exit_policy: ExitPolicy = ExitPolicy(), exit_steps=None, exit_skip=True,
+                past_key_values: LoopCache | None = None) -> LoopLMModelOutput:
         """Run the passes. num_steps: passes (default total_ut_steps; more = depth extrapolation).
-        exit_steps: (B, S) forced exit pass per token (truncated mode)."""
+        exit_steps: (B, S) forced exit pass per token (truncated mode). cache: a LoopCache
+        (`past_key_values` is the same argument under the name transformers < 5.24 uses)."""
+        cache = cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S, _ = h.shape
         T = num_steps or self.config.total_ut_steps
-        cache = past_key_values
         if cache is None and use_cache:
             cache = LoopCache(self.config.num_hidden_layers, self.config.kv_sharing)
         if cache is not None:
@@ -130,7 +139,8 @@ class LoopLMModel(LoopLMPreTrainedModel):
         steps = exit_steps if exit_steps is not None else select_exit_steps(exit_policy, gate_logits, hiddens, T)
         if cache is not None:
             cache.append(new_kv, steps if truncate else torch.full_like(steps, T - 1))
-        return LoopLMModelOutput(tuple(hiddens), gate_logits, steps, cache)
+        return LoopLMModelOutput(hidden_states=tuple(hiddens), gate_logits=gate_logits, exit_steps=steps,
+                                 **{CACHE_NAME: cache})
 
     def _pass(self, h, t, rows, exited, last_kv, cache, mask, rope):
         """One pass over the N layers for batch rows `rows` (None = all). Exited tokens keep the
@@ -187,12 +197,12 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         if kwargs.get("is_main_process", True):
             self.config.save_pretrained(save_directory)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 output_attentions=None, return_dict=None, logits_to_keep=0, output_step_logits=False,
                 num_steps=None, exit_at_step=None, exit_threshold=None, exit_hidden_diff=None,
                 use_weighted_exit=False, exit_steps=None, exit_skip=True, objective=None,
-                num_items_in_batch=None, compute_logits=None) -> LoopLMOutput:
+                num_items_in_batch=None, compute_logits=None, cache_position=None) -> LoopLMOutput:
         """Forward with per-pass outputs.
 
         Exit policy (priority): exit_at_step > exit_hidden_diff > exit_threshold > use_weighted_exit >
@@ -201,7 +211,10 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         "stage1" = sum_t p_t CE_t - beta H(p) averaged over targets (or divided by num_items_in_batch),
         "stage2" = the gate-only BCE objective (no gradient reaches the LM).
         compute_logits: default False when training with labels (the loss never needs them).
+        cache: a LoopCache (`past_key_values` is the same argument under the name transformers < 5.24 uses).
+        cache_position: ignored; early 5.x releases' generate() passes it, the cache knows its own length.
         """
+        cache = cache_argument(cache, past_key_values)
         if output_attentions:
             raise ValueError("output_attentions is not supported by LoopLM (SDPA/FlashAttention never form them)")
         if use_cache is None:
@@ -209,7 +222,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         use_cache = use_cache and labels is None
         policy = resolve_exit_policy(self.config, exit_at_step, exit_threshold, exit_hidden_diff, use_weighted_exit)
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                         position_ids=position_ids, cache=cache, use_cache=use_cache,
                          num_steps=num_steps, exit_policy=policy, exit_steps=exit_steps, exit_skip=exit_skip)
         hiddens, gate_logits = out.hidden_states, out.gate_logits
         exit_probs = exit_distribution(gate_logits)
@@ -231,7 +244,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             logits = self.lm_head(h)
 
         return LoopLMOutput(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, step_losses=step_losses,
+            loss=loss, logits=logits, **{CACHE_NAME: output_cache(out)}, step_losses=step_losses,
             step_logits=tuple(self.lm_head(x) for x in hiddens) if output_step_logits else None,
             exit_probs=exit_probs, gate_probs=torch.sigmoid(gate_logits), exit_steps=out.exit_steps,
             hidden_states=hiddens if output_hidden_states else None,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from looplm.compat import CACHE_NAME, output_cache
+
 from .reasoner import last_hidden
 
 
@@ -50,8 +52,8 @@ def _forward(reasoner, embeds, mask, cache, new):
     """Run the last `new` inputs with the cache; returns logits (B, new, V), last hidden, cache."""
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -new:]
     out = reasoner(inputs_embeds=embeds[:, -new:], attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, output_hidden_states=True)
-    return out.logits, last_hidden(out), out.past_key_values
+                   use_cache=True, output_hidden_states=True, **{CACHE_NAME: cache})
+    return out.logits, last_hidden(out), output_cache(out)
 
 
 def generate(reasoner, weaver, prompts: list[list[int]], augment: AugmentConfig, trigger, delims: set[int],

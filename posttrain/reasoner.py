@@ -1,5 +1,6 @@
 """The frozen reasoner: any Hugging Face causal LM from a local path (a LoopLM or e.g. SmolLM3),
-used only through the standard interface: input embeddings, `inputs_embeds`, `past_key_values`,
+used only through the standard interface: input embeddings, `inputs_embeds`, the KV cache (`cache`,
+`past_key_values` before transformers 5.24: looplm/compat.py),
 logits and the last hidden state."""
 
 from pathlib import Path

@@ -5,9 +5,13 @@ import torch
 
 from helpers.models import tiny_model
 from looplm import LoopCache
+from looplm.compat import CACHE_NAME
 
 
-def greedy(model, ids, n=6, **kw):
+def greedy(model, ids, n=6, cache=None, **kw):
+    """Greedy generate(); a given cache goes in under the name the installed transformers uses."""
+    if cache is not None:
+        kw[CACHE_NAME] = cache
     out = model.generate(ids, max_new_tokens=n, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=0, **kw)
     return out.sequences, torch.stack(out.logits, 1)
@@ -29,8 +33,8 @@ def test_shared_cache_collapses_the_prefill_as_documented(sharing):
     model = tiny_model()
     ids = torch.randint(0, 256, (2, 8))
     full, shared = LoopCache(2, "none"), LoopCache(2, sharing)
-    out_full = model(ids, past_key_values=full, use_cache=True)
-    out_shared = model(ids, past_key_values=shared, use_cache=True)
+    out_full = model(ids, cache=full, use_cache=True)
+    out_shared = model(ids, cache=shared, use_cache=True)
     torch.testing.assert_close(out_shared.logits, out_full.logits)  # prefill itself uses every pass's keys
     T, N = 4, 2
     assert len(shared.keys) == N and len(full.keys) == N * T
@@ -59,7 +63,7 @@ def test_shared_cache_decodes_with_a_quarter_of_the_memory(sharing):
     ids = torch.randint(0, 256, (1, 6))
     caches = {m: LoopCache(2, m) for m in ("none", sharing)}
     for mode, cache in caches.items():
-        seq, logits = greedy(model, ids, past_key_values=cache)
+        seq, logits = greedy(model, ids, cache=cache)
         assert torch.isfinite(logits).all() and seq.shape == (1, 12)
     assert caches["none"].memory_bytes() == 4 * caches[sharing].memory_bytes()
 
@@ -73,7 +77,7 @@ def test_early_exit_skips_passes_and_equals_dense_selection():
     for skip in (True, False):
         cache = LoopCache(N)
         model.model.layer_token_applications = 0
-        seq, logits = greedy(model, ids, n=n, exit_threshold=0.5, exit_skip=skip, past_key_values=cache)
+        seq, logits = greedy(model, ids, n=n, exit_threshold=0.5, exit_skip=skip, cache=cache)
         runs[skip] = seq, logits, cache, model.model.layer_token_applications
     (seq, logits, cache, used), (seq_d, logits_d, cache_d, used_d) = runs[True], runs[False]
     assert torch.equal(seq, seq_d)
@@ -91,7 +95,7 @@ def test_copy_forward_fills_the_deeper_slots_of_exited_tokens_consistently():
     model = tiny_model()
     ids = torch.randint(0, 256, (1, 5))
     cache = LoopCache(2)
-    seq, logits = greedy(model, ids, n=10, exit_threshold=0.5, past_key_values=cache)
+    seq, logits = greedy(model, ids, n=10, exit_threshold=0.5, cache=cache)
     steps = cache.exit_steps[0]
     N, T = 2, 4
     for pos in range(5, steps.shape[0]):
@@ -117,7 +121,7 @@ def test_fixed_depth_decoding_runs_only_that_many_passes():
     torch.testing.assert_close(ref.logits[:, 3:], logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [{}, {"exit_threshold": 0.5}, {"past_key_values": "mean"}])
+@pytest.mark.parametrize("kw", [{}, {"exit_threshold": 0.5}, {"sharing": "mean"}])
 @torch.no_grad()
 def test_batched_generation_with_padding_equals_one_by_one(kw):
     model = tiny_model()
@@ -129,7 +133,7 @@ def test_batched_generation_with_padding_equals_one_by_one(kw):
         ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
 
     def extra():
-        return {**kw, "past_key_values": LoopCache(2, kw["past_key_values"])} if "past_key_values" in kw else kw
+        return {"cache": LoopCache(2, kw["sharing"])} if "sharing" in kw else kw
 
     seq, logits = greedy(model, ids, n=8, attention_mask=mask, **extra())
     for i, p in enumerate(prompts):
@@ -143,9 +147,9 @@ def test_a_multi_token_chunk_after_a_prefix_runs_every_pass():
     """Inserted latent vectors (a chunk of embeddings after a cached prefix) never exit early."""
     model = tiny_model()
     cache = LoopCache(2)
-    model(torch.randint(0, 256, (1, 5)), past_key_values=cache, use_cache=True)
+    model(torch.randint(0, 256, (1, 5)), cache=cache, use_cache=True)
     model.model.layer_token_applications = 0
     chunk = torch.randn(1, 3, 64)
-    out = model(inputs_embeds=chunk, past_key_values=cache, use_cache=True, exit_threshold=0.01)
+    out = model(inputs_embeds=chunk, cache=cache, use_cache=True, exit_threshold=0.01)
     assert model.model.layer_token_applications == 3 * 4 * 2  # 3 positions x T passes x N layers
     assert (cache.exit_steps[0, 5:] == 3).all() and (out.exit_steps == 0).all()  # selection still per policy
