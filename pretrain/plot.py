@@ -85,6 +85,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     return output
 
 
+@cli_main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run's train.output_dir (holds metrics.jsonl)")
@@ -94,4 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    main()
