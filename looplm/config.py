@@ -22,6 +22,10 @@ class LoopLMConfig(PretrainedConfig):
     * `kv_sharing`: decode-time KV sharing across passes ("none", "last", "mean").
     * `early_exit_hidden_diff`: epsilon of the hidden-state-difference exit (None = off).
     * `attention_backend`: "auto" (FlashAttention when installed on a GPU, else SDPA).
+    * `embedding_init_std`: std of the token embedding at random init (None = `initializer_range`,
+      the official init). The sandwich norms add unit-RMS sub-layer outputs to the residual stream,
+      so embeddings of std 0.02 are all but erased by the first sub-layer; small models trained
+      from scratch learn far faster with 1.0 (README, "Reproducing the paper's findings").
     """
 
     model_type = "ouro"
@@ -45,6 +49,7 @@ class LoopLMConfig(PretrainedConfig):
         rope_theta=10000.0,
         rope_scaling=None,
         attention_dropout=0.0,
+        embedding_init_std=None,
         total_ut_steps=4,
         early_exit_threshold=1.0,
         early_exit_step=None,
@@ -77,6 +82,7 @@ class LoopLMConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.rope_theta = rope_theta
         self.attention_dropout = attention_dropout
+        self.embedding_init_std = embedding_init_std
         self.total_ut_steps = total_ut_steps
         self.early_exit_threshold = early_exit_threshold
         self.early_exit_step = early_exit_step

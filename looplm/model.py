@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .attention import build_attention_mask
@@ -61,6 +62,12 @@ class LoopLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, nn.Embedding) and self.config.embedding_init_std is not None:
+            init.normal_(module.weight, mean=0.0, std=self.config.embedding_init_std)
 
 
 class LoopLMModel(LoopLMPreTrainedModel):

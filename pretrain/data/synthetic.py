@@ -19,27 +19,27 @@ from pathlib import Path
 
 from .errors import cli_main
 
-MODULUS = 23
-OPS = {"+": lambda a, b: (a + b) % MODULUS, "-": lambda a, b: (a - b) % MODULUS, "*": lambda a, b: (a * b) % MODULUS}
+MODULUS = 23  # the paper's F_23; smaller moduli make an easier task (fewer table entries to learn)
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 RELATIONS = ["teacher", "friend", "boss", "mentor", "neighbor", "partner"]
 
 
-def mano_tree(rng: random.Random, ops: int) -> tuple[list[str], int]:
-    """A random expression with `ops` operators: (prefix tokens, value mod 23)."""
+def mano_tree(rng: random.Random, ops: int, modulus: int = MODULUS) -> tuple[list[str], int]:
+    """A random expression with `ops` operators: (prefix tokens, value mod `modulus`)."""
     if ops == 0:
-        leaf = rng.randrange(MODULUS)
+        leaf = rng.randrange(modulus)
         return [str(leaf)], leaf
     op = rng.choice(sorted(OPS))
     left_ops = rng.randint(0, ops - 1)
-    left, a = mano_tree(rng, left_ops)
-    right, b = mano_tree(rng, ops - 1 - left_ops)
-    return [op] + left + right, OPS[op](a, b)
+    left, a = mano_tree(rng, left_ops, modulus)
+    right, b = mano_tree(rng, ops - 1 - left_ops, modulus)
+    return [op] + left + right, OPS[op](a, b) % modulus
 
 
-def mano_example(rng: random.Random, max_ops: int, ops: int | None = None) -> tuple[str, str]:
+def mano_example(rng: random.Random, max_ops: int, ops: int | None = None, modulus: int = MODULUS) -> tuple[str, str]:
     """(prompt, answer); prompt + " " + answer is the training document."""
     ops = ops if ops is not None else rng.randint(1, max_ops)
-    tokens, value = mano_tree(rng, ops)
+    tokens, value = mano_tree(rng, ops, modulus)
     return f"mano {ops} : {' '.join(tokens)} =", str(value)
 
 
@@ -71,24 +71,26 @@ def two_hop_questions(world) -> list[tuple[str, str]]:
 
 
 def default_corpus(seed: int = 0, mano_train: int = 8000, mano_eval: int = 200, max_ops: int = 3,
-                   qa_train_fraction: float = 0.5, qa_eval: int = 200, fact_repeats: int = 8, qa_repeats: int = 4):
+                   qa_train_fraction: float = 0.5, qa_eval: int = 200, fact_repeats: int = 8, qa_repeats: int = 4,
+                   per_layer: int = 16, relations: int = 4, modulus: int = MODULUS):
     """(training documents, {task: [(prompt, answer)]}); deterministic in its arguments. Facts and
-    training questions are repeated so that they are a fair share of the tokens next to Mano."""
+    training questions are repeated so that they are a fair share of the tokens next to Mano.
+    A task with no training documents (mano_train=0, or fact_repeats=qa_repeats=0) has no evaluation set."""
     rng = random.Random(seed)
-    docs = [" ".join(mano_example(rng, max_ops)) for _ in range(mano_train)]
-    evals = {"mano": [mano_example(rng, max_ops, ops=max_ops) for _ in range(mano_eval)]}
-    world = multihop_world(seed)
+    docs = [" ".join(mano_example(rng, max_ops, modulus=modulus)) for _ in range(mano_train)]
+    evals = {"mano": [mano_example(rng, max_ops, max_ops, modulus) for _ in range(mano_eval if mano_train else 0)]}
+    world = multihop_world(seed, per_layer=per_layer, relations=relations)
     _, facts, _ = world
     docs += [f"the {r} of {e} is {target} ." for (r, e), target in sorted(facts.items())] * fact_repeats
     questions = two_hop_questions(world)
     rng.shuffle(questions)
     n_train = int(len(questions) * qa_train_fraction)
     docs += [f"{q} {a}" for q, a in questions[:n_train]] * qa_repeats
-    evals["multihop"] = questions[n_train:n_train + qa_eval]
+    evals["multihop"] = questions[n_train:n_train + qa_eval] if fact_repeats or qa_repeats else []
     rng.shuffle(docs)
-    # Prompts held out for evaluation never appear verbatim in training.
-    seen = set(docs)
-    evals = {task: [(p, a) for p, a in items if f"{p} {a}" not in seen] for task, items in evals.items()}
+    # Prompts held out for evaluation never appear in training (nor with another answer).
+    seen = {d.rsplit(" ", 1)[0] for d in docs}
+    evals = {task: [(p, a) for p, a in items if p not in seen] for task, items in evals.items() if items}
     return docs, evals
 
 

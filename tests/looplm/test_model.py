@@ -112,3 +112,17 @@ def test_save_load_round_trip(tmp_path):
 def test_bad_config_values_name_the_key(bad, match):
     with pytest.raises(ValueError, match=match):
         preset_config("tiny", **bad)
+
+
+def test_embedding_init_std_sets_the_random_init_and_never_touches_loaded_weights(tmp_path):
+    kw = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=2, head_dim=32)
+    official = LoopLMForCausalLM(preset_config("tiny", **kw))
+    scaled = LoopLMForCausalLM(preset_config("tiny", embedding_init_std=1.0, **kw))
+    assert abs(official.model.embed_tokens.weight.std().item() - 0.02) < 0.002  # initializer_range
+    assert abs(scaled.model.embed_tokens.weight.std().item() - 1.0) < 0.05
+    assert abs(scaled.lm_head.weight.std().item() - 0.02) < 0.002  # only the embedding changes
+    scaled.save_pretrained(tmp_path)
+    loaded = LoopLMForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.embedding_init_std == 1.0
+    assert torch.equal(loaded.model.embed_tokens.weight, scaled.model.embed_tokens.weight)

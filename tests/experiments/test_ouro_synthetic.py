@@ -1,0 +1,103 @@
+"""The Ouro reproduction driver: its comparisons vary only what they compare, evaluation problems
+never reach the training stream, and its scorer agrees with a plain per-problem forward."""
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from experiments.ouro_synthetic import K, LOOPS, QUICK, plan, prepare_data, score
+from helpers.training import REPO
+from looplm import LoopLMForCausalLM
+from pretrain.config import load_config
+from pretrain.data import IndexedDataset, Tokenizer
+from pretrain.data.synthetic import mano_example, read_eval
+from pretrain.engine import model_config
+from pretrain.metrics import flops_per_token
+
+
+def flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ouro")
+    return root, prepare_data(root, dataclasses.replace(QUICK, mano_train=3000))
+
+
+def configs(suite, root, data):
+    return {run.name: load_config(REPO / run.config, run.override_list()) for run in plan(suite, QUICK, root, data)}
+
+
+@pytest.mark.parametrize("suite,varied", [
+    ("mano", {"model.overrides.num_hidden_layers", "model.overrides.total_ut_steps", "optim.lr", "train.seed"}),
+    ("multihop", {"model.overrides.total_ut_steps", "train.seed"}),
+    ("entropy", {"ouro.beta_schedule"}),
+])
+def test_runs_of_a_comparison_differ_only_in_what_it_compares(data, suite, varied):
+    cfgs = {name: flatten(cfg.to_dict()) for name, cfg in configs(suite, *data).items()}
+    first = next(iter(cfgs.values()))
+    differing = {key for cfg in cfgs.values() for key in first if cfg[key] != first[key]}
+    assert differing - {"train.output_dir"} <= varied
+    assert len({c["train.output_dir"] for c in cfgs.values()}) == len(cfgs)  # no run overwrites another
+
+
+def test_iso_parameter_and_iso_flop_baselines(data):
+    cfgs = configs("mano", *data)
+    arch = {name.split("_")[0]: cfg for name, cfg in cfgs.items()}
+    models = {}
+    for name, cfg in arch.items():
+        with torch.device("meta"):
+            models[name] = LoopLMForCausalLM(model_config(cfg))
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    looped, base, iso_flop = f"{K}x{LOOPS}", f"{K}x1", f"{K * LOOPS}x1"
+    assert params[looped] == params[base] < params[iso_flop]  # looping adds no parameters
+    c = models[looped].config
+    d, V = c.hidden_size, c.vocab_size
+    flops = {name: flops_per_token(m.config, 128) for name, m in models.items()}
+    # Same layer applications per token; the looped model reads the LM head and gate after every pass.
+    head_reads = 3 * 2 * (d * V + d) * (LOOPS - 1)
+    assert flops[looped] == pytest.approx(flops[iso_flop] + head_reads)
+    assert flops[looped] == pytest.approx(LOOPS * flops[base])
+
+
+def test_evaluation_problems_never_occur_in_the_training_stream(data):
+    _, corpora = data
+    for task, folder in corpora.items():
+        tok = Tokenizer(folder / "tokenizer.model")
+        indexed = IndexedDataset(folder / "train")
+        documents = {tok.decode(indexed.doc(i).tolist()) for i in range(len(indexed))}
+        prompts = {d.rsplit(" ", 1)[0] for d in documents}
+        held_out = read_eval(folder / f"eval_{task}.jsonl")
+        assert len(held_out) > 50
+        assert not [p for p, _ in held_out if p in prompts], task
+
+
+@torch.no_grad()
+def test_score_equals_a_per_problem_forward(data):
+    from helpers.models import tiny_model
+
+    _, corpora = data
+    tok = Tokenizer(corpora["mano"] / "tokenizer.model")
+    model = tiny_model().eval()
+    rng = random.Random(0)
+    items = [mano_example(rng, 3, modulus=7) for _ in range(30)]
+    for t in range(4):
+        correct = passes = 0
+        for prompt, answer in items:
+            p, full = tok.encode(prompt), tok.encode(f"{prompt} {answer}")
+            out = model(torch.tensor([full]), use_cache=False, exit_at_step=t)
+            at = list(range(len(p) - 1, len(full) - 1))
+            correct += out.logits[0, at].argmax(-1).tolist() == full[len(p):]
+            passes += (out.exit_steps[0, at] + 1).float().mean().item()
+        got = score(model, tok, items, batch=7, exit_at_step=t)
+        assert got["accuracy"] == correct / len(items) and got["passes"] == pytest.approx(passes / len(items))
+        assert got["passes"] == pytest.approx(t + 1)
