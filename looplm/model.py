@@ -204,12 +204,12 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         if kwargs.get("is_main_process", True):
             self.config.save_pretrained(save_directory)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 output_attentions=None, return_dict=None, logits_to_keep=0, output_step_logits=False,
                 num_steps=None, exit_at_step=None, exit_threshold=None, exit_hidden_diff=None,
                 use_weighted_exit=False, exit_steps=None, exit_skip=True, objective=None,
-                num_items_in_batch=None, compute_logits=None, cache_position=None) -> LoopLMOutput:
+                num_items_in_batch=None, compute_logits=None, cache_position=None, cache=None) -> LoopLMOutput:
         """Forward with per-pass outputs.
 
         Exit policy (priority): exit_at_step > exit_hidden_diff > exit_threshold > use_weighted_exit >
