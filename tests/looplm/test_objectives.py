@@ -112,3 +112,26 @@ def test_training_forward_skips_logits_and_checkpointing_keeps_gradients():
     model(ids, labels=ids).loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)
+
+
+def test_stage1_gradients_through_every_pass_equal_an_independent_forward():
+    """The whole backward (T passes, gate, entropy, chunked CE) against autograd of the plain formula
+    on the independent reference forward: a wrong gradient anywhere would train a model that only
+    looks plausible."""
+    from helpers.ouro_reference import reference_forward
+
+    model = tiny_model(total_ut_steps=4).double()
+    ids = torch.randint(0, 256, (1, 12))
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    sd = {k: v.detach().clone().requires_grad_(True) for k, v in model.state_dict().items()}
+    hiddens, gates = reference_forward(sd, model.config, ids[0])
+    ce = torch.stack([F.cross_entropy(h[:-1] @ sd["lm_head.weight"].T, ids[0, 1:], reduction="none")
+                      for h in hiddens], -1)
+    lam = torch.sigmoid(gates[:-1])
+    before = torch.cumprod(torch.cat([torch.ones_like(lam[:, :1]), 1 - lam[:, :-1]], -1), -1)
+    p = torch.cat([(lam * before)[:, :-1], before[:, -1:]], -1)  # the last pass takes the rest
+    loss = ((p * ce).sum(-1) + model.config.entropy_beta * (p * p.log()).sum(-1)).mean()
+    loss.backward()
+    for name, param in model.named_parameters():
+        scale = sd[name].grad.abs().max().item()
+        assert (param.grad - sd[name].grad).abs().max().item() <= 1e-5 * scale + 1e-9, name
