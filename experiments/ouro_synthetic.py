@@ -47,8 +47,8 @@ class Scale:
     stage2_steps: int
 
 
-FULL = Scale(steps=500, lrs=(1e-3, 2e-3, 4e-3), seeds=(1, 2), mano_train=60000, qa_steps=600, stage2_steps=150)
-QUICK = Scale(steps=150, lrs=(2e-3,), seeds=(1,), mano_train=20000, qa_steps=200, stage2_steps=50)
+FULL = Scale(steps=500, lrs=(1e-4, 3e-4, 1e-3), seeds=(1, 2), mano_train=60000, qa_steps=600, stage2_steps=150)
+QUICK = Scale(steps=150, lrs=(3e-4,), seeds=(1,), mano_train=20000, qa_steps=200, stage2_steps=50)
 
 # Mano difficulty: operators l ~ U{1..L}, evaluation at l = L; the modulus sets how many table entries
 # the model must learn (the paper's F_23 needs far more steps than a CPU budget; see the README).
