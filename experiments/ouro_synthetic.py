@@ -198,8 +198,11 @@ def _tokens_at(train, step):
     return next((r["tokens_seen"] for r in train if r["step"] == step), None)
 
 
-def describe(model, seq_len: int) -> dict:
+def describe(model, run: Run) -> dict:
+    from pretrain.config import load_config
     from pretrain.metrics import flops_per_token
+
+    seq_len = load_config(REPO / run.config, run.override_list()).data.seq_len
 
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "train_flops_per_token": flops_per_token(model.config, seq_len)}
@@ -238,7 +241,7 @@ def run_suite(suite: str, scale: Scale, root: Path, data: dict, results: dict, s
         model, tok = load(folder)
         items = eval_items(run)
         T = model.config.total_ut_steps
-        entry = {**run.meta, **describe(model, 128), "overrides": run.overrides, "curves": curves(run),
+        entry = {**run.meta, **describe(model, run), "overrides": run.overrides, "curves": curves(run),
                  "final": score(model, tok, items, exit_at_step=T - 1), "n_eval": len(items)}
         entry["tokens_trained"] = entry["curves"]["tokens"][-1]
         if suite in ("entropy", "stage2"):
