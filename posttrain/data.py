@@ -58,14 +58,20 @@ def extract_prediction(text: str, pattern: str = r"####\s*([^\n]+)") -> str | No
 
 
 def _synthetic(task: str, split: str, seed: int, count: int) -> list[Problem]:
-    from pretrain.data.synthetic import default_corpus, mano_example, multihop_world, two_hop_questions
+    from pretrain.data.synthetic import (MANO_DEFAULTS, default_corpus, mano_example, multihop_world,
+                                         two_hop_questions)
 
     if task == "mano":
+        held_out = default_corpus(seed)[1]["mano"]
         if split == "eval":
-            items = default_corpus(seed)[1]["mano"]
-        else:
-            rng = random.Random(seed + 1000)
-            items = [mano_example(rng, 3, ops=3) for _ in range(count)]
+            items = held_out
+        else:  # fresh problems at the evaluated difficulty, the held-out ones never among them
+            rng, avoid, items = random.Random(seed + 1000), {p for p, _ in held_out}, []
+            L = MANO_DEFAULTS["max_ops"]
+            while len(items) < count:
+                prompt, answer = mano_example(rng, L, ops=L, modulus=MANO_DEFAULTS["modulus"])
+                if prompt not in avoid:
+                    items.append((prompt, answer))
     elif task == "multihop":
         docs, evals = default_corpus(seed)
         if split == "eval":

@@ -1,4 +1,4 @@
-"""Data-pipeline commands: python -m pretrain.data {ingest,train-tokenizer,inspect,synthetic} [args]"""
+"""Data-pipeline commands: python -m pretrain.data {ingest,train-tokenizer,inspect,synthetic,word-problems} [args]"""
 
 import sys
 
@@ -6,9 +6,10 @@ from .indexed import main as inspect_main
 from .ingest import main as ingest_main
 from .synthetic import main as synthetic_main
 from .tokenizer import main as tokenizer_main
+from .word_problems import main as word_problems_main
 
 COMMANDS = {"ingest": ingest_main, "train-tokenizer": tokenizer_main, "inspect": inspect_main,
-            "synthetic": synthetic_main}
+            "synthetic": synthetic_main, "word-problems": word_problems_main}
 
 
 def main(argv=None):

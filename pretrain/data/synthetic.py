@@ -1,9 +1,11 @@
 """The embedded default corpus: synthetic reasoning tasks generated in code (spec/ouro.md section 6),
 so the smoke run needs no download and trains something whose accuracy can be measured per depth.
 
-* Mano: modular arithmetic over F_23 written in prefix notation, answer given directly:
-  "mano 3 : + * 3 5 - 7 2 = 20". The operator count l ~ U{1..L}; the operator budget of a node is split
-  uniformly at random between its subtrees. Held-out evaluation uses l = L only, as the paper does.
+* Mano: modular arithmetic written in prefix notation, answer given directly: "mano 2 : + * 3 5 2 = 3".
+  The operator count l ~ U{1..L}; the operator budget of a node is split uniformly at random between its
+  subtrees. Held-out evaluation uses l = L only, as the paper does. The paper's F_23 at L = 3 is far
+  beyond a CPU smoke run; the embedded corpus uses F_7 at L = 2 (`MANO_DEFAULTS`), which a tiny model
+  learns to well above chance in a few hundred steps.
 * Multi-hop facts: entities in K layers, each linked by every relation to an entity of the next layer.
   Training holds every 1-hop fact ("the teacher of bako is tiru .") and part of the 2-hop questions
   ("who is the teacher of the friend of bako ? tiru"); evaluation asks held-out 2-hop questions.
@@ -20,6 +22,7 @@ from pathlib import Path
 from .errors import cli_main
 
 MODULUS = 23  # the paper's F_23; smaller moduli make an easier task (fewer table entries to learn)
+MANO_DEFAULTS = {"max_ops": 2, "modulus": 7}  # the embedded corpus's Mano (see above)
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 RELATIONS = ["teacher", "friend", "boss", "mentor", "neighbor", "partner"]
 
@@ -70,9 +73,10 @@ def two_hop_questions(world) -> list[tuple[str, str]]:
     return out
 
 
-def default_corpus(seed: int = 0, mano_train: int = 8000, mano_eval: int = 200, max_ops: int = 3,
-                   qa_train_fraction: float = 0.5, qa_eval: int = 200, fact_repeats: int = 8, qa_repeats: int = 4,
-                   per_layer: int = 16, relations: int = 4, modulus: int = MODULUS):
+def default_corpus(seed: int = 0, mano_train: int = 8000, mano_eval: int = 200,
+                   max_ops: int = MANO_DEFAULTS["max_ops"], qa_train_fraction: float = 0.5, qa_eval: int = 200,
+                   fact_repeats: int = 8, qa_repeats: int = 4, per_layer: int = 16, relations: int = 4,
+                   modulus: int = MANO_DEFAULTS["modulus"]):
     """(training documents, {task: [(prompt, answer)]}); deterministic in its arguments. Facts and
     training questions are repeated so that they are a fair share of the tokens next to Mano.
     A task with no training documents (mano_train=0, or fact_repeats=qa_repeats=0) has no evaluation set."""
@@ -111,6 +115,8 @@ def write_default_corpus(out_dir: str | Path, seed: int = 0, **kwargs) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     docs, evals = default_corpus(seed, **kwargs)
+    for stale in out.glob("eval_*.jsonl"):  # a task this recipe does not evaluate must not be read
+        stale.unlink()
     written = {"train": out / "train.jsonl"}
     with open(written["train"], "w") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
@@ -126,21 +132,41 @@ def read_eval(path: str | Path) -> list[tuple[str, str]]:
         return [(r["prompt"], r["answer"]) for r in map(json.loads, f)]
 
 
-def prepare_default_corpus(out_dir: str | Path, seed: int = 0, vocab_size: int = 256, workers: int = 1,
-                           progress: bool = False, **kwargs) -> dict:
-    """Corpus, sentencepiece tokenizer and indexed files in `out_dir` (reused when already complete:
-    the .idx is written last)."""
+def prepare_corpus(out_dir: str | Path, recipe: dict, write, vocab_size: int, workers: int = 1,
+                   progress: bool = False, user_symbols: list[str] | None = None) -> dict:
+    """A generated corpus in `out_dir`: `write(out)` writes train.jsonl ({"text"}) and any side files
+    and returns their paths; then a sentencepiece tokenizer and the indexed files. Reused when complete
+    and made from the same `recipe` (corpus.json, written last), regenerated otherwise."""
     from .ingest import ingest
     from .tokenizer import read_texts, train_sentencepiece
 
     out = Path(out_dir)
     files = {"train": out / "train.jsonl", "tokenizer": out / "tokenizer.model", "data": out / "train"}
-    if (out / "train.idx").exists() and files["tokenizer"].exists():
-        return {**files, **{p.stem.removeprefix("eval_"): p for p in sorted(out.glob("eval_*.jsonl"))}}
-    files.update(write_default_corpus(out, seed, **kwargs))
-    train_sentencepiece(read_texts(files["train"], "text"), files["tokenizer"], vocab_size)
+    stamp = out / "corpus.json"
+    if stamp.exists():
+        made = json.loads(stamp.read_text())
+        if made["recipe"] == recipe:
+            return {**files, **{name: out / path for name, path in made["files"].items()}}
+        print(f"note: {out} holds a corpus made with other arguments; regenerating it", flush=True)
+        stamp.unlink()
+        for name, path in made["files"].items():
+            (out / path).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    written = write(out)
+    train_sentencepiece(read_texts(files["train"], "text"), files["tokenizer"], vocab_size, user_symbols=user_symbols)
     ingest([str(files["train"])], files["tokenizer"], files["data"], workers=workers, progress=progress)
+    files.update(written)
+    side = {name: str(Path(path).relative_to(out)) for name, path in written.items() if name != "train"}
+    stamp.write_text(json.dumps({"recipe": recipe, "files": side}, indent=1))
     return files
+
+
+def prepare_default_corpus(out_dir: str | Path, seed: int = 0, vocab_size: int = 256, workers: int = 1,
+                           progress: bool = False, **kwargs) -> dict:
+    """The embedded corpus, its tokenizer and indexed files in `out_dir` (see prepare_corpus);
+    eval_<task>.jsonl files are returned under the task's name."""
+    return prepare_corpus(out_dir, {"seed": seed, "vocab_size": vocab_size, **kwargs},
+                          lambda out: write_default_corpus(out, seed, **kwargs), vocab_size, workers, progress)
 
 
 @cli_main
@@ -150,11 +176,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--mano-train", type=int, default=8000)
-    p.add_argument("--max-ops", type=int, default=3)
+    p.add_argument("--max-ops", type=int, default=MANO_DEFAULTS["max_ops"])
+    p.add_argument("--modulus", type=int, default=MANO_DEFAULTS["modulus"])
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
     files = prepare_default_corpus(args.output, args.seed, args.vocab_size, args.workers, progress=True,
-                                   mano_train=args.mano_train, max_ops=args.max_ops)
+                                   mano_train=args.mano_train, max_ops=args.max_ops, modulus=args.modulus)
     for name, path in files.items():
         print(f"{name}: {path}")
 

@@ -4,7 +4,7 @@ import json
 import random
 
 from pretrain.data import IndexedDataset, Tokenizer
-from pretrain.data.synthetic import (default_corpus, exact_match, mano_example, multihop_world,
+from pretrain.data.synthetic import (MANO_DEFAULTS, default_corpus, exact_match, mano_example, multihop_world,
                                      prepare_default_corpus, two_hop_questions)
 
 
@@ -50,7 +50,8 @@ def test_corpus_is_deterministic_and_evaluation_is_held_out():
     for task, items in evals.items():
         assert items, task
         assert not any(f"{p} {a}" in training for p, a in items)
-    assert all(p.startswith("mano 3 :") for p, _ in evals["mano"])  # l = L only
+    L = MANO_DEFAULTS["max_ops"]
+    assert all(p.startswith(f"mano {L} :") for p, _ in evals["mano"])  # l = L only
 
 
 def test_exact_match_uses_the_first_word():
@@ -65,3 +66,13 @@ def test_prepare_default_corpus_end_to_end(tmp_path):
     assert len(ds) == len(texts)
     assert [ds.doc(i).tolist() for i in range(5)] == [tok.encode(t) + [tok.eos_id] for t in texts[:5]]
     assert tok.decode(ds.doc(0)[:-1]) == texts[0]
+
+
+def test_a_corpus_made_with_other_arguments_is_regenerated(tmp_path):
+    files = prepare_default_corpus(tmp_path, mano_train=300, vocab_size=128)
+    first = files["mano"].read_text()
+    assert prepare_default_corpus(tmp_path, mano_train=300, vocab_size=128)["mano"].read_text() == first
+    again = prepare_default_corpus(tmp_path, mano_train=300, vocab_size=128, max_ops=3)
+    held_out = [json.loads(line)["prompt"] for line in again["mano"].read_text().splitlines()]
+    assert held_out and all(p.startswith("mano 3 :") for p in held_out)
+    assert len(IndexedDataset(again["data"])) == len(again["train"].read_text().splitlines())

@@ -1,0 +1,117 @@
+"""A GSM8K-shaped synthetic task: short multi-step word problems over small numbers, with reference
+solutions written one step per line and ending in `#### N` (GSM8K's answer format), so the same
+extraction, evaluation and delimiters serve both. Difficulty is the number of steps.
+
+    Question: Mia has 4 shells . Mia finds 3 more shells . Mia gives away 5 shells . How many shells
+    does Mia have now ?
+    Answer: 4 + 3 = 7 .
+    7 - 5 = 2 .
+    #### 2
+
+`prepare_word_problems` writes the pretraining corpus (train.jsonl: "Question: ...\nAnswer: ..."
+documents, a sentencepiece tokenizer that keeps newlines, indexed files) and GSM8K-format
+gsm_train.jsonl / gsm_test.jsonl ({"question", "answer"}) for post-training and `posttrain.evaluate`.
+Test questions never occur among the training questions (tested).
+
+    python -m pretrain.data word-problems --output data/word_problems
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from .errors import cli_main
+
+NAMES = ["Tom", "Ann", "Bob", "Eva", "Sam", "Mia", "Leo", "Zoe", "Max", "Ivy"]
+ITEMS = ["apples", "pens", "books", "coins", "cards", "shells", "stamps", "marbles"]
+STEPS = {  # operator -> sentences; {n} is the operand, {who} the person, {item} the thing counted
+    "+": ["{who} buys {n} more {item} .", "{who} finds {n} more {item} .", "{who} gets {n} {item} from a friend ."],
+    "-": ["{who} gives away {n} {item} .", "{who} loses {n} {item} .", "{who} sells {n} {item} ."],
+    "*": ["{who} ends up with {n} times as many {item} ."],
+}
+MAX_VALUE = 20  # every value in a solution stays in 0..MAX_VALUE
+
+
+def _moves(rng: random.Random, value: int) -> list[tuple[str, int]]:
+    """The steps that keep the value in 0..MAX_VALUE, each with a random operand."""
+    moves = []
+    if value < MAX_VALUE:
+        moves.append(("+", rng.randint(1, min(9, MAX_VALUE - value))))
+    if value > 0:
+        moves.append(("-", rng.randint(1, min(9, value))))
+    if 0 < value <= MAX_VALUE // 2:
+        moves.append(("*", rng.randint(2, min(3, MAX_VALUE // value))))
+    return moves
+
+
+def word_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
+    """(question, GSM8K-style answer with one step per line and `#### N`, N)."""
+    who, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(1, 9)
+    sentences, lines = [f"{who} has {value} {item} ."], []
+    for _ in range(steps):
+        op, n = rng.choice(_moves(rng, value))
+        new = {"+": value + n, "-": value - n, "*": value * n}[op]
+        sentences.append(rng.choice(STEPS[op]).format(who=who, n=n, item=item))
+        lines.append(f"{value} {op} {n} = {new} .")
+        value = new
+    sentences.append(f"How many {item} does {who} have now ?")
+    return " ".join(sentences), "\n".join(lines + [f"#### {value}"]), value
+
+
+def document(question: str, answer: str) -> str:
+    """The pretraining text of a problem; its prefix up to "Answer:" is posttrain's GSM8K prompt."""
+    return f"Question: {question}\nAnswer: {answer}"
+
+
+def word_problem_corpus(seed: int = 0, train: int = 20000, test: int = 500, max_steps: int = 4):
+    """(training problems, held-out test problems) as (question, answer) pairs; steps ~ U{1..max_steps}
+    in training, and test problems are drawn the same way but never share a question with training."""
+    rng = random.Random(seed)
+    draw = lambda: word_problem(rng, rng.randint(1, max_steps))[:2]  # noqa: E731
+    train_items = [draw() for _ in range(train)]
+    seen = {q for q, _ in train_items}
+    test_items = []
+    for _ in range(100 * test):
+        if len(test_items) == test:
+            break
+        q, a = draw()
+        if q not in seen:
+            seen.add(q)
+            test_items.append((q, a))
+    return train_items, test_items
+
+
+def prepare_word_problems(out_dir: str | Path, seed: int = 0, vocab_size: int = 256, **kwargs) -> dict:
+    """The corpus, tokenizer and indexed files of the task in `out_dir` (reused when made with the same
+    arguments); returns their paths, with gsm_train / gsm_test the GSM8K-format problem files."""
+    from .synthetic import prepare_corpus
+
+    def write(out: Path) -> dict:
+        train_items, test_items = word_problem_corpus(seed, **kwargs)
+        files = {"train": out / "train.jsonl", "gsm_train": out / "gsm_train.jsonl", "gsm_test": out / "gsm_test.jsonl"}
+        with open(files["train"], "w") as f:
+            f.writelines(json.dumps({"text": document(q, a)}) + "\n" for q, a in train_items)
+        for name, items in (("gsm_train", train_items), ("gsm_test", test_items)):
+            with open(files[name], "w") as f:
+                f.writelines(json.dumps({"question": q, "answer": a}) + "\n" for q, a in items)
+        return files
+
+    return prepare_corpus(out_dir, {"task": "word_problems", "seed": seed, "vocab_size": vocab_size, **kwargs},
+                          write, vocab_size, user_symbols=["\n"])
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--train", type=int, default=20000, help="training problems")
+    p.add_argument("--test", type=int, default=500, help="held-out test problems")
+    p.add_argument("--max-steps", type=int, default=4, help="solution steps are drawn from 1..max-steps")
+    args = p.parse_args(argv)
+    for name, path in prepare_word_problems(args.output, args.seed, args.vocab_size, train=args.train,
+                                            test=args.test, max_steps=args.max_steps).items():
+        print(f"{name}: {path}")
