@@ -140,7 +140,7 @@ def splice(reasoner, weaver, prompt: list[int], answer: list[int], insert_after:
         pieces.append(latents.to(context.dtype))
         labels.append(torch.full((latents.shape[0],), -100))
 
-    if weaver is not None and (augment.prompt_augment or prompt_latents is not None):
+    if prompt_latents is not None or (weaver is not None and augment.prompt_augment):
         add_latents("prompt")
     start = 0
     for cut in sorted(insert_after):

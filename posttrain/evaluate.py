@@ -1,6 +1,9 @@
-"""The GSM8K evaluation table: vanilla / + weaver / + weaver + LTPO / + weaver + Correctness-LTPO.
+"""The evaluation table: vanilla; + weaver (prompt augmentation; prompt + inference augmentation;
+with the learned trigger); + weaver after GRPO; + weaver + LTPO; + weaver + Correctness-LTPO; and
+Correctness-LTPO with the head trained jointly during GRPO. Rows whose parts are not given are left out.
 
-    python -m posttrain.evaluate --reasoner MODEL_DIR --weaver WEAVER_DIR --head HEAD_DIR \\
+    python -m posttrain.evaluate --reasoner MODEL_DIR --weaver WEAVER_DIR [--grpo-weaver DIR] \\
+        [--trigger CKPT] [--head HEAD_DIR] [--joint-head DIR] \\
         --data ../shared/data/gsm8k/test.jsonl [--limit 100] --output runs/eval_gsm8k
 
 Greedy batched decoding with a progress bar; answers are extracted with --answer-pattern (default the
@@ -8,16 +11,19 @@ number after ####), else the last number, commas/currency/units stripped, and co
 reference after ####. LTPO optimises the weaver's prompt latents (or, without a weaver, K copies of a
 placeholder token's embedding) per problem with the confidence reward; Correctness-LTPO uses the
 head's P(correct) of a greedy draft as reward and stops a problem once it exceeds --stop-at.
-Writes results.json (the table) and outputs.json (every problem's completion per row).
+Columns: correct / total, accuracy with a 95% percentile-bootstrap interval over problems, mean
+insertions, mean LTPO steps, seconds per problem. Writes results.json (the table) and outputs.json
+(every problem's completion per row).
 """
 
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice
@@ -25,7 +31,7 @@ from .correctness import head_inputs, load_head
 from .data import extract_prediction, is_correct, load_problems
 from .ltpo import LTPOConfig, confidence_reward, optimize, prompt_embeds
 from .reasoner import hidden_size, load_reasoner, load_tokenizer
-from .trigger import FixedTrigger
+from .trigger import FixedTrigger, LearnedTrigger
 from .weaver import load_weaver
 
 
@@ -41,75 +47,127 @@ def correctness_reward(reasoner, weaver, head, prompts, augment, trigger, delims
     return reward
 
 
+@dataclass
+class Row:
+    """One row of the table: which trained parts decode, and how the prompt latents are chosen."""
+    key: str
+    title: str
+    weaver: object = None  # None = the plain reasoner
+    trigger: object = field(default_factory=lambda: FixedTrigger("always"))
+    prompt_augment: bool = True
+    max_insertions: int = 0  # inference insertions per answer (at delimiters)
+    ltpo: str | None = None  # None, "confidence" (LTPO) or "correctness" (Correctness-LTPO, needs head)
+    head: object = None
+
+
+def table_rows(weaver=None, grpo_weaver=None, trigger=None, head=None, joint_head=None,
+               max_insertions: int = 5) -> list[Row]:
+    """Every row the given trained parts make possible, in table order. The LTPO rows start from the
+    final weaver (after GRPO when there is one); the joint-head row uses the GRPO weaver and the head
+    trained with it."""
+    M, final = max_insertions, grpo_weaver or weaver
+    rows = [Row("vanilla", "Vanilla")]
+    if weaver is not None:
+        rows += [Row("weaver_prompt", "+ Weaver (prompt augmentation)", weaver),
+                 Row("weaver", f"+ Weaver (prompt + inference augmentation, <= {M})", weaver, max_insertions=M)]
+    if weaver is not None and trigger is not None:
+        rows.append(Row("trigger", "+ Weaver, learned trigger", weaver, trigger, max_insertions=M))
+    if grpo_weaver is not None:
+        rows.append(Row("grpo", "+ Weaver after GRPO", grpo_weaver, max_insertions=M))
+    if final is not None:
+        rows.append(Row("ltpo", "+ Weaver + LTPO", final, max_insertions=M, ltpo="confidence"))
+    else:
+        rows.append(Row("ltpo", "+ LTPO (placeholder latents)", ltpo="confidence"))
+    if head is not None:
+        rows.append(Row("correctness_ltpo", ("+ Weaver" if final is not None else "") + " + Correctness-LTPO",
+                        final, max_insertions=M if final is not None else 0, ltpo="correctness", head=head))
+    if joint_head is not None and grpo_weaver is not None:
+        rows.append(Row("joint_correctness_ltpo", "+ Weaver + Correctness-LTPO, head trained jointly in GRPO",
+                        grpo_weaver, max_insertions=M, ltpo="correctness", head=joint_head))
+    return rows
+
+
 class Evaluator:
-    def __init__(self, reasoner, tok, weaver=None, head=None, augment=None, max_new_tokens=256,
-                 ltpo=None, stop_at=0.95, num_latents=8, pattern=r"####\s*([^\n]+)", draft_tokens=None):
-        self.reasoner, self.tok, self.weaver, self.head = reasoner, tok, weaver, head
-        self.augment = augment or AugmentConfig()
-        self.delims = delimiter_ids(tok, self.augment.delimiters)
-        self.trigger = FixedTrigger("always")
+    """Decodes problems for a Row: greedy, batched, with the row's latents, trigger and LTPO."""
+
+    def __init__(self, reasoner, tok, max_new_tokens=256, ltpo=None, stop_at=0.95, num_latents=8,
+                 pattern=r"####\s*([^\n]+)", draft_tokens=None, delimiters=None):
+        self.reasoner, self.tok = reasoner, tok
+        self.delimiters = delimiters or AugmentConfig().delimiters
+        self.delims = delimiter_ids(tok, self.delimiters)
         self.max_new_tokens, self.pattern = max_new_tokens, pattern
         self.draft_tokens = draft_tokens or max_new_tokens
         self.ltpo = ltpo or LTPOConfig()
         self.stop_at = stop_at
-        self.num_latents = weaver.config.num_latents if weaver is not None else num_latents
+        self.num_latents = num_latents  # placeholder latents when LTPO runs without a weaver
 
-    def _initial_latents(self, embeds, mask):
-        if self.weaver is not None:
-            return self.weaver(embeds, mask, "prompt")
+    def _initial_latents(self, weaver, embeds, mask):
+        if weaver is not None:
+            return weaver(embeds, mask, "prompt")
         placeholder = self.reasoner.get_input_embeddings().weight[self.tok.eos_id]
         return placeholder.expand(embeds.shape[0], self.num_latents, -1).clone()
 
     @torch.no_grad()
-    def run_batch(self, problems, row: str):
+    def run_batch(self, problems, row: Row):
         prompts = [self.tok.encode(p.prompt) for p in problems]
         latents, steps = None, [0] * len(problems)
-        weaver = None if row == "vanilla" else self.weaver
-        augment = self.augment if weaver is not None else replace(self.augment, prompt_augment=False)
-        if row in ("ltpo", "correctness_ltpo"):
+        augment = AugmentConfig(row.prompt_augment and row.weaver is not None, row.max_insertions, self.delimiters)
+        if row.ltpo is not None:
             embeds, mask = prompt_embeds(self.reasoner, prompts)
-            start = self._initial_latents(embeds, mask)
-            if row == "ltpo":
+            start = self._initial_latents(row.weaver, embeds, mask)
+            if row.ltpo == "confidence":
                 reward = confidence_reward(self.reasoner, embeds, mask, self.ltpo.top_k, self.ltpo.confidence)
                 cfg = self.ltpo
             else:
-                reward = correctness_reward(self.reasoner, weaver, self.head, prompts, augment, self.trigger,
+                reward = correctness_reward(self.reasoner, row.weaver, row.head, prompts, augment, row.trigger,
                                             self.delims, self.draft_tokens, self.tok.eos_id)
                 cfg = replace(self.ltpo, stop_at=self.stop_at)
             result = optimize(start, reward, cfg, generator=torch.Generator().manual_seed(0))
             latents, steps = result.latents, result.steps.tolist()
-        gen = generate(self.reasoner, weaver, prompts, augment, self.trigger, self.delims, self.max_new_tokens,
+        gen = generate(self.reasoner, row.weaver, prompts, augment, row.trigger, self.delims, self.max_new_tokens,
                        self.tok.eos_id, prompt_latents=latents)
         texts = [self.tok.decode(t) for t in gen.tokens]
         return [{"completion": text, "prediction": extract_prediction(text, self.pattern) if not p.one_word
                  else (text.split() or [""])[0], "reference": p.answer, "correct": is_correct(text, p, self.pattern),
-                 "ltpo_steps": s} for text, p, s in zip(texts, problems, steps)]
+                 "ltpo_steps": s, "insertions": len(ins)}
+                for text, p, s, ins in zip(texts, problems, steps, gen.insertions)]
 
 
-ROWS = {"vanilla": "Vanilla", "weaver": "+ Weaver", "ltpo": "+ Weaver + LTPO",
-        "correctness_ltpo": "+ Weaver + Correctness-LTPO"}
+def bootstrap_interval(correct: list, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple:
+    """Percentile bootstrap interval of the accuracy, resampling problems with replacement."""
+    if not correct:
+        return (0.0, 0.0)
+    values = torch.tensor([float(c) for c in correct])
+    idx = torch.randint(len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
+    means = values[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2])).tolist()
+    return (lo, hi)
 
 
-def evaluate(evaluator: Evaluator, problems, rows, batch: int = 8, progress: bool = True) -> tuple[list, dict]:
+def evaluate(evaluator: Evaluator, problems, rows: list[Row], batch: int = 8, progress: bool = True):
+    """(table, outputs): one table entry per row, and every problem's completion per row key."""
     table, outputs = [], {}
     for row in rows:
         start, results = time.perf_counter(), []
-        for i in tqdm(range(0, len(problems), batch), desc=ROWS[row], disable=not progress):
+        for i in tqdm(range(0, len(problems), batch), desc=row.title, disable=not progress):
             results += evaluator.run_batch(problems[i:i + batch], row)
         seconds = time.perf_counter() - start
-        correct = sum(r["correct"] for r in results)
-        name = ROWS[row] if evaluator.weaver is not None else ROWS[row].replace("+ Weaver + ", "+ ")
-        table.append({"setting": name, "correct": correct, "total": len(results),
-                      "accuracy": correct / max(len(results), 1),
-                      "avg_ltpo_steps": sum(r["ltpo_steps"] for r in results) / max(len(results), 1),
-                      "seconds_per_problem": seconds / max(len(results), 1)})
-        outputs[row] = [{"prompt": p.prompt, **r} for p, r in zip(problems, results)]
+        n = max(len(results), 1)
+        correct = [r["correct"] for r in results]
+        table.append({"row": row.key, "setting": row.title, "correct": sum(correct), "total": len(results),
+                      "accuracy": sum(correct) / n, "ci95": list(bootstrap_interval(correct)),
+                      "avg_insertions": sum(r["insertions"] for r in results) / n,
+                      "avg_ltpo_steps": sum(r["ltpo_steps"] for r in results) / n,
+                      "seconds_per_problem": seconds / n})
+        outputs[row.key] = [{"prompt": p.prompt, **r} for p, r in zip(problems, results)]
     return table, outputs
 
 
 def format_table(table) -> str:
-    lines = ["| setting | correct | accuracy | avg LTPO steps | s / problem |", "|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['correct']} / {r['total']} | {r['accuracy']:.2%} | {r['avg_ltpo_steps']:.1f} | "
+    lines = ["| setting | correct | accuracy [95% CI] | mean insertions | mean LTPO steps | s / problem |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['correct']} / {r['total']} | {r['accuracy']:.1%} "
+              f"[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] | {r['avg_insertions']:.2f} | {r['avg_ltpo_steps']:.1f} | "
               f"{r['seconds_per_problem']:.3f} |" for r in table]
     return "\n".join(lines)
 
@@ -118,14 +176,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reasoner", required=True)
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--weaver", default=None)
-    p.add_argument("--head", default=None)
+    p.add_argument("--weaver", default=None, help="the SFT weaver (a saved weaver folder)")
+    p.add_argument("--grpo-weaver", default=None, help="the weaver after GRPO")
+    p.add_argument("--trigger", default=None, help="a learned trigger: a posttrain checkpoint with trigger.safetensors")
+    p.add_argument("--head", default=None, help="a correctness head trained by posttrain.head")
+    p.add_argument("--joint-head", default=None, help="the head trained jointly during GRPO (train.joint_head)")
     p.add_argument("--data", required=True, help="GSM8K-format jsonl, or synthetic:<task> (its held-out split)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--draft-tokens", type=int, default=None, help="Correctness-LTPO draft length (default: all)")
     p.add_argument("--max-insertions", type=int, default=5)
+    p.add_argument("--delimiters", default=None, help="JSON list of delimiter strings (default [\",\", \".\", \"\\n\"])")
     p.add_argument("--ltpo-steps", type=int, default=10)
     p.add_argument("--ltpo-lr", type=float, default=0.03)
     p.add_argument("--ltpo-sigma", type=float, default=0.1)
@@ -133,36 +195,43 @@ def main(argv=None):
     p.add_argument("--confidence", default="neg_logprob", choices=["neg_logprob", "probability"],
                    help="LTPO reward: the paper's -mean log p of the top-k tokens, or their mean probability")
     p.add_argument("--answer-pattern", default=r"####\s*([^\n]+)")
-    p.add_argument("--rows", default="vanilla,weaver,ltpo,correctness_ltpo")
+    p.add_argument("--rows", default=None, help="comma-separated row keys (default: every row the given parts allow)")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
-    rows = args.rows.split(",")
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"error: unknown --rows {unknown}; choose from {list(ROWS)}")
     reasoner = load_reasoner(args.reasoner)
     tok = load_tokenizer(args.reasoner, args.tokenizer)
-    weaver = load_weaver(reasoner, args.weaver) if args.weaver else None
-    head = load_head(args.head, hidden_size(reasoner)) if args.head else None
-    if "weaver" in rows and weaver is None:
-        print("note: no --weaver given: the + Weaver row is left out; LTPO starts from placeholder latents",
-              flush=True)
-        rows.remove("weaver")
-    if "correctness_ltpo" in rows and head is None:
-        print("note: no --head given: the Correctness-LTPO row is left out", flush=True)
-        rows.remove("correctness_ltpo")
+    d = hidden_size(reasoner)
+    trigger = None
+    if args.trigger:
+        trigger = LearnedTrigger(d, sample=False)  # greedy decisions at evaluation
+        trigger.load_state_dict(load_file(Path(args.trigger) / "trigger.safetensors"))
+    rows = table_rows(load_weaver(reasoner, args.weaver) if args.weaver else None,
+                      load_weaver(reasoner, args.grpo_weaver) if args.grpo_weaver else None, trigger,
+                      load_head(args.head, d) if args.head else None,
+                      load_head(args.joint_head, d) if args.joint_head else None, args.max_insertions)
+    if args.rows:
+        wanted = args.rows.split(",")
+        missing = [k for k in wanted if k not in {r.key for r in rows}]
+        if missing:
+            raise SystemExit(f"error: --rows {missing} need parts that were not given (rows possible with these "
+                             f"arguments: {[r.key for r in rows]}; the weaver rows need --weaver, grpo --grpo-weaver, "
+                             "trigger --trigger, correctness_ltpo --head, joint_correctness_ltpo --joint-head)")
+        rows = [r for r in rows if r.key in wanted]
     split = "eval" if args.data.startswith("synthetic:") else "train"
     problems = load_problems(args.data, args.limit, split=split)
-    evaluator = Evaluator(reasoner, tok, weaver, head, AugmentConfig(max_insertions=args.max_insertions),
-                          args.max_new_tokens, LTPOConfig(lr=args.ltpo_lr, sigma=args.ltpo_sigma, steps=args.ltpo_steps,
-                                     confidence=args.confidence),
-                          args.stop_at, pattern=args.answer_pattern, draft_tokens=args.draft_tokens)
+    weavers = [r.weaver for r in rows if r.weaver is not None]
+    evaluator = Evaluator(reasoner, tok, args.max_new_tokens,
+                          LTPOConfig(lr=args.ltpo_lr, sigma=args.ltpo_sigma, steps=args.ltpo_steps,
+                                     confidence=args.confidence), args.stop_at,
+                          weavers[0].config.num_latents if weavers else 8, args.answer_pattern, args.draft_tokens,
+                          json.loads(args.delimiters) if args.delimiters else None)
     torch.manual_seed(0)
     table, outputs = evaluate(evaluator, problems, rows, args.batch)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"data": args.data, "reasoner": args.reasoner, "weaver": args.weaver,
-                                                  "head": args.head, "table": table}, indent=2))
+    (out / "results.json").write_text(json.dumps(
+        {"data": args.data, "reasoner": args.reasoner, "weaver": args.weaver, "grpo_weaver": args.grpo_weaver,
+         "trigger": args.trigger, "head": args.head, "joint_head": args.joint_head, "table": table}, indent=2))
     (out / "outputs.json").write_text(json.dumps(outputs, indent=1))
     print(format_table(table))
 

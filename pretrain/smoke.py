@@ -90,11 +90,13 @@ def main(argv=None):
     print(f"final loss {last['loss']:.4f}; CE per pass [" + " ".join(f"{x:.3f}" for x in last["loss_per_pass"]) + "]")
     print("mean exit distribution over passes [" + " ".join(f"{x:.3f}" for x in last["exit_probs"]) + "]")
     print("validation CE per pass [" + " ".join(f"{x:.3f}" for x in final_eval["valid_loss_per_pass"]) + "]")
-    print("held-out exact match by exit depth (pass 1..T, and the learned gate at q=config):")
+    print("held-out exact match by exit depth (pass 1..T, and the learned gate at q=config), against the\n"
+          "majority baseline (always answering the most frequent held-out answer):")
     for task in ("mano", "multihop"):
         cells = " ".join(f"{k.split('@')[1]}:{v:.2f}" for k, v in sorted(final_eval["accuracy"].items())
                          if k.startswith(task))
-        print(f"  {task:9s} {cells}")
+        answers = [a for _, a in read_eval(files[task])]
+        print(f"  {task:9s} {cells}   (baseline {max(map(answers.count, set(answers))) / len(answers):.2f})")
     full = rows[0][2]
     for name, acc, used in rows:
         print(f"generate ({name}): accuracy mano {acc['mano']:.2f}, multihop {acc['multihop']:.2f}; decode "

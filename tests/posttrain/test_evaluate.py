@@ -1,15 +1,17 @@
-"""Answer extraction and the four-row evaluation table on a tiny model and a tiny GSM8K-format file."""
+"""Answer extraction, the bootstrap interval, and the evaluation table on a tiny model and a tiny GSM8K-format file."""
 
 import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from posttrain.correctness import CorrectnessHead
 from posttrain.data import Problem, extract_prediction, extract_reference, is_correct, load_problems
-from posttrain.evaluate import Evaluator, evaluate, main as evaluate_main
+from posttrain.evaluate import Evaluator, bootstrap_interval, evaluate, main as evaluate_main, table_rows
 from posttrain.ltpo import LTPOConfig
 from posttrain.reasoner import load_reasoner
+from posttrain.trigger import LearnedTrigger
 from posttrain.weaver import Weaver, WeaverConfig
 from pretrain.data import Tokenizer
 
@@ -49,32 +51,58 @@ def tiny_gsm8k(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["looplm", "llama"])
-def test_the_four_row_table_on_a_tiny_model(kind, reasoner_dir, llama_dir, tiny_gsm8k, tmp_path):
+def test_the_table_on_a_tiny_model(kind, reasoner_dir, llama_dir, tiny_gsm8k, tmp_path):
     reasoner_dir = reasoner_dir if kind == "looplm" else llama_dir
     reasoner = load_reasoner(reasoner_dir)
     torch.manual_seed(0)
-    weaver = Weaver(reasoner, WeaverConfig(num_latents=2, lora_r=4))
-    head = CorrectnessHead(64)
+    weaver, grpo_weaver = (Weaver(reasoner, WeaverConfig(num_latents=2, lora_r=4)) for _ in range(2))
+    head, joint_head, trigger = CorrectnessHead(64), CorrectnessHead(64), LearnedTrigger(64, sample=False)
     weaver.save(tmp_path / "weaver")
+    grpo_weaver.save(tmp_path / "grpo_weaver")
     head.save(tmp_path / "head")
+    joint_head.save(tmp_path / "joint_head")
+    (tmp_path / "trigger").mkdir()
+    save_file(trigger.state_dict(), tmp_path / "trigger" / "trigger.safetensors")
     problems = load_problems(str(tiny_gsm8k))
     assert [p.answer for p in problems] == ["5", "1240", "15"]
-    evaluator = Evaluator(reasoner, Tokenizer(reasoner_dir / "tokenizer.model"), weaver, head,
-                          max_new_tokens=6, ltpo=LTPOConfig(steps=3))
-    table, outputs = evaluate(evaluator, problems, ["vanilla", "weaver", "ltpo", "correctness_ltpo"], batch=2,
-                              progress=False)
-    assert [r["setting"] for r in table] == ["Vanilla", "+ Weaver", "+ Weaver + LTPO", "+ Weaver + Correctness-LTPO"]
+    tok = Tokenizer(reasoner_dir / "tokenizer.model")
+    # every token is a delimiter, so inference augmentation fires as often as allowed
+    evaluator = Evaluator(reasoner, tok, max_new_tokens=6, ltpo=LTPOConfig(steps=3), num_latents=2,
+                          delimiters=[tok.decode([i])[-1:] or "x" for i in range(tok.vocab_size)])
+    rows = table_rows(weaver, grpo_weaver, trigger, head, joint_head, max_insertions=2)
+    assert [r.key for r in rows] == ["vanilla", "weaver_prompt", "weaver", "trigger", "grpo", "ltpo",
+                                     "correctness_ltpo", "joint_correctness_ltpo"]
+    table, outputs = evaluate(evaluator, problems, rows, batch=2, progress=False)
+    by = {r["row"]: r for r in table}
     for row in table:
         assert row["total"] == 3 and 0 <= row["correct"] <= 3 and row["seconds_per_problem"] > 0
-    assert table[0]["avg_ltpo_steps"] == 0 and table[2]["avg_ltpo_steps"] == 3
-    assert 0 < table[3]["avg_ltpo_steps"] <= 3
+        assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+    assert by["vanilla"]["avg_ltpo_steps"] == 0 and by["ltpo"]["avg_ltpo_steps"] == 3
+    assert 0 < by["correctness_ltpo"]["avg_ltpo_steps"] <= 3
+    assert by["vanilla"]["avg_insertions"] == by["weaver_prompt"]["avg_insertions"] == 0
+    assert 0 < by["weaver"]["avg_insertions"] <= 2  # nearly every token is a delimiter; at most M = 2
+    assert all(r["insertions"] <= 2 for results in outputs.values() for r in results)
     for row, results in outputs.items():
         assert len(results) == 3
         assert all(r["correct"] == (r["prediction"] == r["reference"]) for r in results)
     # the command writes the same table and the per-problem outputs
-    evaluate_main(["--reasoner", str(reasoner_dir), "--weaver", str(tmp_path / "weaver"), "--head",
-                   str(tmp_path / "head"), "--data", str(tiny_gsm8k), "--max-new-tokens", "4", "--ltpo-steps", "2",
-                   "--output", str(tmp_path / "out")])
+    evaluate_main(["--reasoner", str(reasoner_dir), "--weaver", str(tmp_path / "weaver"), "--grpo-weaver",
+                   str(tmp_path / "grpo_weaver"), "--head", str(tmp_path / "head"), "--joint-head",
+                   str(tmp_path / "joint_head"), "--trigger", str(tmp_path / "trigger"), "--data", str(tiny_gsm8k),
+                   "--max-new-tokens", "4", "--ltpo-steps", "2", "--output", str(tmp_path / "out")])
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(saved["table"]) == 4 and set(json.loads((tmp_path / "out" / "outputs.json").read_text())) == {
-        "vanilla", "weaver", "ltpo", "correctness_ltpo"}
+    assert [r["row"] for r in saved["table"]] == [r.key for r in rows]
+    assert set(json.loads((tmp_path / "out" / "outputs.json").read_text())) == {r.key for r in rows}
+    with pytest.raises(SystemExit, match="grpo"):
+        evaluate_main(["--reasoner", str(reasoner_dir), "--weaver", str(tmp_path / "weaver"), "--rows", "grpo",
+                       "--data", str(tiny_gsm8k), "--output", str(tmp_path / "out2")])
+
+
+def test_bootstrap_interval_on_known_cases():
+    assert bootstrap_interval([True] * 50) == (1.0, 1.0)
+    assert bootstrap_interval([]) == (0.0, 0.0)
+    # 200 of 400: the normal approximation gives 0.5 +- 1.96 * sqrt(0.25 / 400) = 0.5 +- 0.049
+    lo, hi = bootstrap_interval([True, False] * 200)
+    assert lo == pytest.approx(0.451, abs=0.008) and hi == pytest.approx(0.549, abs=0.008)
+    lo, hi = bootstrap_interval([True] * 30 + [False] * 70, level=0.5)
+    assert lo < 0.3 < hi and hi - lo == pytest.approx(2 * 0.674 * (0.21 / 100) ** 0.5, abs=0.02)
