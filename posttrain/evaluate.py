@@ -79,12 +79,16 @@ def table_rows(weaver=None, grpo_weaver=None, trigger=None, head=None, joint_hea
     else:
         rows.append(Row("ltpo", "+ LTPO (placeholder latents)", ltpo="confidence"))
     if head is not None:
-        rows.append(Row("correctness_ltpo", ("+ Weaver" if final is not None else "") + " + Correctness-LTPO",
+        rows.append(Row("correctness_ltpo", "+ Weaver + Correctness-LTPO" if final is not None else "+ Correctness-LTPO",
                         final, max_insertions=M if final is not None else 0, ltpo="correctness", head=head))
     if joint_head is not None and grpo_weaver is not None:
         rows.append(Row("joint_correctness_ltpo", "+ Weaver + Correctness-LTPO, head trained jointly in GRPO",
                         grpo_weaver, max_insertions=M, ltpo="correctness", head=joint_head))
     return rows
+
+
+ROW_KEYS = ("vanilla", "weaver_prompt", "weaver", "trigger", "grpo", "ltpo", "correctness_ltpo",
+            "joint_correctness_ltpo")
 
 
 class Evaluator:
@@ -209,8 +213,14 @@ def main(argv=None):
                       load_weaver(reasoner, args.grpo_weaver) if args.grpo_weaver else None, trigger,
                       load_head(args.head, d) if args.head else None,
                       load_head(args.joint_head, d) if args.joint_head else None, args.max_insertions)
+    for part, needs in (("trigger", "weaver"), ("joint_head", "grpo_weaver")):
+        if getattr(args, part) and not getattr(args, needs):
+            raise SystemExit(f"error: --{part.replace('_', '-')} is used with --{needs.replace('_', '-')}; give both")
     if args.rows:
         wanted = args.rows.split(",")
+        unknown = [k for k in wanted if k not in ROW_KEYS]
+        if unknown:
+            raise SystemExit(f"error: unknown --rows {unknown}; choose from {list(ROW_KEYS)}")
         missing = [k for k in wanted if k not in {r.key for r in rows}]
         if missing:
             raise SystemExit(f"error: --rows {missing} need parts that were not given (rows possible with these "
@@ -229,9 +239,7 @@ def main(argv=None):
     table, outputs = evaluate(evaluator, problems, rows, args.batch)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(
-        {"data": args.data, "reasoner": args.reasoner, "weaver": args.weaver, "grpo_weaver": args.grpo_weaver,
-         "trigger": args.trigger, "head": args.head, "joint_head": args.joint_head, "table": table}, indent=2))
+    (out / "results.json").write_text(json.dumps({**vars(args), "table": table}, indent=2))
     (out / "outputs.json").write_text(json.dumps(outputs, indent=1))
     print(format_table(table))
 

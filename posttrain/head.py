@@ -66,6 +66,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--max-insertions", type=int, default=5)
+    p.add_argument("--delimiters", default=None, help='JSON list of delimiter strings (default [",", ".", "\\n"])')
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -73,6 +74,8 @@ def main(argv=None):
     tok = load_tokenizer(args.reasoner, args.tokenizer)
     weaver = load_weaver(reasoner, args.weaver) if args.weaver else None
     augment = AugmentConfig(max_insertions=args.max_insertions)
+    if args.delimiters:
+        augment.delimiters = json.loads(args.delimiters)
     problems = load_problems(args.data, args.problems)
     rows = collect(reasoner, weaver, tok, problems, augment, FixedTrigger("always"),
                    delimiter_ids(tok, augment.delimiters), args.max_new_tokens, args.samples)

@@ -14,6 +14,7 @@ so the smoke run needs no download and trains something whose accuracy can be me
 """
 
 import argparse
+import inspect
 import itertools
 import json
 import random
@@ -132,6 +133,13 @@ def read_eval(path: str | Path) -> list[tuple[str, str]]:
         return [(r["prompt"], r["answer"]) for r in map(json.loads, f)]
 
 
+def bound_arguments(fn, *args, **kwargs) -> dict:
+    """Every argument of a call to `fn`, defaults included: what a corpus was made from."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 def prepare_corpus(out_dir: str | Path, recipe: dict, write, vocab_size: int, workers: int = 1,
                    progress: bool = False, user_symbols: list[str] | None = None) -> dict:
     """A generated corpus in `out_dir`: `write(out)` writes train.jsonl ({"text"}) and any side files
@@ -145,9 +153,12 @@ def prepare_corpus(out_dir: str | Path, recipe: dict, write, vocab_size: int, wo
     stamp = out / "corpus.json"
     if stamp.exists():
         made = json.loads(stamp.read_text())
-        if made["recipe"] == recipe:
-            return {**files, **{name: out / path for name, path in made["files"].items()}}
-        print(f"note: {out} holds a corpus made with other arguments; regenerating it", flush=True)
+        kept = {**files, **{name: out / path for name, path in made["files"].items()}}
+        complete = all(p.exists() for p in kept.values() if p != files["data"]) and (out / "train.idx").exists()
+        if made["recipe"] == recipe and complete:
+            return kept
+        print(f"note: {out} holds a corpus made with other arguments or with files missing; regenerating it",
+              flush=True)
         stamp.unlink()
         for name, path in made["files"].items():
             (out / path).unlink(missing_ok=True)
@@ -165,7 +176,8 @@ def prepare_default_corpus(out_dir: str | Path, seed: int = 0, vocab_size: int =
                            progress: bool = False, **kwargs) -> dict:
     """The embedded corpus, its tokenizer and indexed files in `out_dir` (see prepare_corpus);
     eval_<task>.jsonl files are returned under the task's name."""
-    return prepare_corpus(out_dir, {"seed": seed, "vocab_size": vocab_size, **kwargs},
+    recipe = {"vocab_size": vocab_size, **bound_arguments(default_corpus, seed, **kwargs)}
+    return prepare_corpus(out_dir, recipe,
                           lambda out: write_default_corpus(out, seed, **kwargs), vocab_size, workers, progress)
 
 

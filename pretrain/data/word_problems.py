@@ -11,7 +11,7 @@ extraction, evaluation and delimiters serve both. Difficulty is the number of st
 `prepare_word_problems` writes the pretraining corpus (train.jsonl: "Question: ...\nAnswer: ..."
 documents, a sentencepiece tokenizer that keeps newlines, indexed files) and GSM8K-format
 gsm_train.jsonl / gsm_test.jsonl ({"question", "answer"}) for post-training and `posttrain.evaluate`.
-Test questions never occur among the training questions (tested).
+Test problems never share a solution with a training problem (`held_out`; tested).
 
     python -m pretrain.data word-problems --output data/word_problems
 """
@@ -19,6 +19,7 @@ Test questions never occur among the training questions (tested).
 import argparse
 import json
 import random
+import zlib
 from pathlib import Path
 
 from .errors import cli_main
@@ -31,6 +32,7 @@ STEPS = {  # operator -> sentences; {n} is the operand, {who} the person, {item}
     "*": ["{who} ends up with {n} times as many {item} ."],
 }
 MAX_VALUE = 20  # every value in a solution stays in 0..MAX_VALUE
+VERSION = 1  # of the generator: part of the corpus recipe, so a changed generator regenerates corpora
 
 
 def _moves(rng: random.Random, value: int) -> list[tuple[str, int]]:
@@ -65,28 +67,35 @@ def document(question: str, answer: str) -> str:
     return f"Question: {question}\nAnswer: {answer}"
 
 
+def held_out(answer: str, share: int = 10) -> bool:
+    """The split of the problem space: a solution (its chain of numbers and operators) is a test
+    solution when its CRC-32 falls in 1/share of the range. Test problems therefore never share a
+    solution with a training problem, not only their wording, at every number of steps."""
+    return zlib.crc32(answer.encode()) % share == 0
+
+
 def word_problem_corpus(seed: int = 0, train: int = 20000, test: int = 500, max_steps: int = 4):
-    """(training problems, held-out test problems) as (question, answer) pairs; steps ~ U{1..max_steps}
-    in training, and test problems are drawn the same way but never share a question with training."""
+    """(training problems, held-out test problems) as (question, answer) pairs, steps ~ U{1..max_steps};
+    the two sides of `held_out`, test questions distinct."""
     rng = random.Random(seed)
-    draw = lambda: word_problem(rng, rng.randint(1, max_steps))[:2]  # noqa: E731
-    train_items = [draw() for _ in range(train)]
-    seen = {q for q, _ in train_items}
-    test_items = []
-    for _ in range(100 * test):
-        if len(test_items) == test:
-            break
-        q, a = draw()
-        if q not in seen:
-            seen.add(q)
+    train_items, test_items, asked = [], [], set()
+    for _ in range(1000 * (train + test)):
+        if len(train_items) == train and len(test_items) == test:
+            return train_items, test_items
+        q, a, _ = word_problem(rng, rng.randint(1, max_steps))
+        if not held_out(a):
+            if len(train_items) < train:
+                train_items.append((q, a))
+        elif len(test_items) < test and q not in asked:
+            asked.add(q)
             test_items.append((q, a))
-    return train_items, test_items
+    raise ValueError(f"could not draw {test} distinct test problems with up to {max_steps} steps; ask for fewer")
 
 
 def prepare_word_problems(out_dir: str | Path, seed: int = 0, vocab_size: int = 256, **kwargs) -> dict:
     """The corpus, tokenizer and indexed files of the task in `out_dir` (reused when made with the same
     arguments); returns their paths, with gsm_train / gsm_test the GSM8K-format problem files."""
-    from .synthetic import prepare_corpus
+    from .synthetic import bound_arguments, prepare_corpus
 
     def write(out: Path) -> dict:
         train_items, test_items = word_problem_corpus(seed, **kwargs)
@@ -98,8 +107,9 @@ def prepare_word_problems(out_dir: str | Path, seed: int = 0, vocab_size: int = 
                 f.writelines(json.dumps({"question": q, "answer": a}) + "\n" for q, a in items)
         return files
 
-    return prepare_corpus(out_dir, {"task": "word_problems", "seed": seed, "vocab_size": vocab_size, **kwargs},
-                          write, vocab_size, user_symbols=["\n"])
+    recipe = {"task": "word_problems", "version": VERSION, "vocab_size": vocab_size,
+              **bound_arguments(word_problem_corpus, seed, **kwargs)}
+    return prepare_corpus(out_dir, recipe, write, vocab_size, user_symbols=["\n"])
 
 
 @cli_main

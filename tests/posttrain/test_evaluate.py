@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from posttrain.correctness import CorrectnessHead
 from posttrain.data import Problem, extract_prediction, extract_reference, is_correct, load_problems
-from posttrain.evaluate import Evaluator, bootstrap_interval, evaluate, main as evaluate_main, table_rows
+from posttrain.evaluate import ROW_KEYS, Evaluator, bootstrap_interval, evaluate, main as evaluate_main, table_rows
 from posttrain.ltpo import LTPOConfig
 from posttrain.reasoner import load_reasoner
 from posttrain.trigger import LearnedTrigger
@@ -71,7 +71,7 @@ def test_the_table_on_a_tiny_model(kind, reasoner_dir, llama_dir, tiny_gsm8k, tm
                           delimiters=[tok.decode([i])[-1:] or "x" for i in range(tok.vocab_size)])
     rows = table_rows(weaver, grpo_weaver, trigger, head, joint_head, max_insertions=2)
     assert [r.key for r in rows] == ["vanilla", "weaver_prompt", "weaver", "trigger", "grpo", "ltpo",
-                                     "correctness_ltpo", "joint_correctness_ltpo"]
+                                     "correctness_ltpo", "joint_correctness_ltpo"] == list(ROW_KEYS)
     table, outputs = evaluate(evaluator, problems, rows, batch=2, progress=False)
     by = {r["row"]: r for r in table}
     for row in table:
@@ -93,6 +93,12 @@ def test_the_table_on_a_tiny_model(kind, reasoner_dir, llama_dir, tiny_gsm8k, tm
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["row"] for r in saved["table"]] == [r.key for r in rows]
     assert set(json.loads((tmp_path / "out" / "outputs.json").read_text())) == {r.key for r in rows}
+    with pytest.raises(SystemExit, match="unknown --rows"):
+        evaluate_main(["--reasoner", str(reasoner_dir), "--rows", "weaver,grop", "--data", str(tiny_gsm8k),
+                       "--output", str(tmp_path / "out2")])
+    with pytest.raises(SystemExit, match="--joint-head is used with --grpo-weaver"):
+        evaluate_main(["--reasoner", str(reasoner_dir), "--joint-head", str(tmp_path / "joint_head"),
+                       "--data", str(tiny_gsm8k), "--output", str(tmp_path / "out2")])
     with pytest.raises(SystemExit, match="grpo"):
         evaluate_main(["--reasoner", str(reasoner_dir), "--weaver", str(tmp_path / "weaver"), "--rows", "grpo",
                        "--data", str(tiny_gsm8k), "--output", str(tmp_path / "out2")])

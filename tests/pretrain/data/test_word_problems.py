@@ -5,6 +5,7 @@ GSM8K format for post-training."""
 import json
 import random
 import re
+from collections import Counter
 
 import pytest
 
@@ -53,12 +54,15 @@ def test_test_problems_never_occur_in_training_and_files_are_gsm8k_format(tmp_pa
     documents = [tok.decode(indexed.doc(i).tolist()) for i in range(len(indexed))]
     assert len(documents) == 3000 and all("\n#### " in d for d in documents)  # newlines survive the tokenizer
     trained = {d.split("\nAnswer:")[0].removeprefix("Question: ") for d in documents}
+    solutions = {d.split("\nAnswer: ")[1] for d in documents}
     test = load_problems(str(files["gsm_test"]))
-    assert len(test) == 200
+    assert len(test) == 200 and len({p.prompt for p in test}) == 200
     for problem in test:
         question = problem.prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
-        assert question not in trained
+        assert question not in trained and problem.solution.strip() not in solutions  # not even the same chain
         assert is_correct(problem.solution, problem)  # the reference passes GSM8K answer extraction
+    steps = Counter(p.solution.count("\n") for p in test)
+    assert set(steps) == {1, 2, 3}  # every difficulty is tested
     train = [json.loads(line) for line in files["gsm_train"].open()]
     assert {r["question"] for r in train} == trained
     # The same call reuses the files; other arguments regenerate them.
