@@ -46,7 +46,8 @@ def test_loss_guard_flags_nan_and_spikes_and_counts_streaks():
 
 def test_schedules():
     cfg = load_config("configs/smoke.yaml", ["train.max_steps=100", "optim.warmup_steps=10",
-                                             "optim.decay_fraction=0.2", "optim.min_lr_ratio=0.1"])
+                                             "optim.decay_fraction=0.2", "optim.min_lr_ratio=0.1",
+                                             "ouro.beta_schedule=[[0, 0.1], [150, 0.05]]"])
     assert lr_factor(0, cfg) == 0.1 and lr_factor(9, cfg) == 1.0
     assert lr_factor(50, cfg) == 1.0 and lr_factor(80, cfg) == 1.0
     assert math.isclose(lr_factor(90, cfg), 0.55) and math.isclose(lr_factor(100, cfg), 0.1)
