@@ -260,18 +260,59 @@ def run_suite(suite: str, scale: Scale, root: Path, data: dict, results: dict, s
               f"({entry['seconds']:.0f} s)", flush=True)
 
 
+def report(results: dict) -> str:
+    """Markdown tables of a results file (what the README shows)."""
+    lines = []
+    mano = results.get("mano", {})
+    if mano:
+        lines += ["| Mano configuration | parameters | train FLOPs/token | " +
+                  " | ".join(f"LR {lr:g}" for lr in sorted({r['lr'] for r in mano.values()})) + " |",
+                  "|---|---|---|" + "---|" * len({r['lr'] for r in mano.values()})]
+        for arch in dict.fromkeys(r["arch"] for r in mano.values()):
+            runs = [r for r in mano.values() if r["arch"] == arch]
+            cells = []
+            for lr in sorted({r["lr"] for r in mano.values()}):
+                accs = [r["final"]["accuracy"] for r in runs if r["lr"] == lr]
+                cells.append(" / ".join(f"{a:.3f}" for a in accs) if accs else "not run")
+            lines.append(f"| {arch} | {runs[0]['parameters']:,} | {runs[0]['train_flops_per_token'] / 1e6:.2f}M | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    for suite in ("multihop", "entropy", "stage2"):
+        for name, r in results.get(suite, {}).items():
+            c = r["curves"]
+            lines.append(f"* {suite} {name}: held-out accuracy at the last pass {r['final']['accuracy']:.3f} "
+                         f"(n={r['n_eval']}); trainer evaluations " +
+                         " ".join(f"{t / 1e3:.0f}k:{max(a.values()):.2f}" for t, a in
+                                  zip(c["eval_tokens"], c["eval_accuracy"]) if t) +
+                         f"; exit entropy {c['exit_entropy'][0]:.2f} -> {c['exit_entropy'][-1]:.2f}, "
+                         f"mean depth {c['mean_depth'][0]:.2f} -> {c['mean_depth'][-1]:.2f}")
+            if "front" in r:
+                lines.append("  fixed depth: " + " ".join(f"{x['depth']}:{x['accuracy']:.2f}" for x in r["front"]["fixed"])
+                             + "; gate (q: accuracy @ passes): " + " ".join(
+                                 f"{x['q']}:{x['accuracy']:.2f}@{x['passes']:.2f}" for x in r["front"]["gate"][::3]))
+    ex = results.get("extrapolation", {})
+    if ex.get("by_steps"):
+        lines.append("* extrapolation (trained at T=4), accuracy at T=1..8: " +
+                     " ".join(f"{x['accuracy']:.2f}" for x in ex["by_steps"]))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=SUITES + ("all",), default="all")
     p.add_argument("--quick", action="store_true", help="reduced size (about 15 minutes for all suites)")
     p.add_argument("--root", type=Path, help="where runs go (default runs/experiments/ouro_synthetic[_quick])")
     p.add_argument("--results", type=Path, help="results JSON (default experiments/results/ouro_synthetic[_quick].json)")
+    p.add_argument("--report", action="store_true", help="print the results file's tables and stop")
     args = p.parse_args(argv)
     tag = "ouro_synthetic_quick" if args.quick else "ouro_synthetic"
     scale = QUICK if args.quick else FULL
     root = (args.root or REPO / "runs" / "experiments" / tag).resolve()
     path = args.results or RESULTS / f"{tag}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    if args.report:
+        print(report(results))
+        return
     results["scale"] = {**scale.__dict__, "mano": MANO, "multihop": MULTIHOP, "K": K, "LOOPS": LOOPS}
 
     def save():

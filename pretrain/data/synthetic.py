@@ -153,6 +153,7 @@ def prepare_corpus(out_dir: str | Path, recipe: dict, write, vocab_size: int, wo
     stamp = out / "corpus.json"
     if stamp.exists():
         made = json.loads(stamp.read_text())
+        made = made if {"recipe", "files"} <= set(made) else {"recipe": None, "files": {}}  # an older stamp
         kept = {**files, **{name: out / path for name, path in made["files"].items()}}
         complete = all(p.exists() for p in kept.values() if p != files["data"]) and (out / "train.idx").exists()
         if made["recipe"] == recipe and complete:

@@ -76,3 +76,13 @@ def test_a_corpus_made_with_other_arguments_is_regenerated(tmp_path):
     held_out = [json.loads(line)["prompt"] for line in again["mano"].read_text().splitlines()]
     assert held_out and all(p.startswith("mano 3 :") for p in held_out)
     assert len(IndexedDataset(again["data"])) == len(again["train"].read_text().splitlines())
+
+
+def test_a_corpus_without_a_readable_recipe_or_with_files_missing_is_regenerated(tmp_path):
+    files = prepare_default_corpus(tmp_path, mano_train=300, vocab_size=128)
+    (tmp_path / "corpus.json").write_text(json.dumps({"seed": 0}))  # the stamp of an older looplm
+    files["mano"].unlink()
+    again = prepare_default_corpus(tmp_path, mano_train=300, vocab_size=128)
+    assert again["mano"].exists() and json.loads((tmp_path / "corpus.json").read_text())["recipe"]["mano_train"] == 300
+    again["tokenizer"].unlink()
+    assert prepare_default_corpus(tmp_path, mano_train=300, vocab_size=128)["tokenizer"].exists()
