@@ -182,12 +182,18 @@ def prepare_default_corpus(out_dir: str | Path, seed: int = 0, vocab_size: int =
                           lambda out: write_default_corpus(out, seed, **kwargs), vocab_size, workers, progress)
 
 
-@cli_main
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def corpus_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every generated-corpus command takes: --output, --seed, --vocab-size."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=256)
+    return p
+
+
+@cli_main
+def main(argv=None):
+    p = corpus_parser(__doc__)
     p.add_argument("--mano-train", type=int, default=8000)
     p.add_argument("--max-ops", type=int, default=MANO_DEFAULTS["max_ops"])
     p.add_argument("--modulus", type=int, default=MANO_DEFAULTS["modulus"])

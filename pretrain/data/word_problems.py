@@ -16,7 +16,6 @@ Test problems never share a solution with a training problem (`held_out`; tested
     python -m pretrain.data word-problems --output data/word_problems
 """
 
-import argparse
 import json
 import random
 import zlib
@@ -114,10 +113,9 @@ def prepare_word_problems(out_dir: str | Path, seed: int = 0, vocab_size: int = 
 
 @cli_main
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab-size", type=int, default=256)
+    from .synthetic import corpus_parser
+
+    p = corpus_parser(__doc__)
     p.add_argument("--train", type=int, default=20000, help="training problems")
     p.add_argument("--test", type=int, default=500, help="held-out test problems")
     p.add_argument("--max-steps", type=int, default=4, help="solution steps are drawn from 1..max-steps")
