@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .augment import batch_splices, splice
 from .reasoner import ReasonerError, last_hidden
 
 POOL = 64
@@ -49,10 +50,13 @@ class _Stream(nn.Module):
 
 
 class CorrectnessHead(nn.Module):
-    def __init__(self, hidden_size: int, width: int | None = None):
+    """draft_tokens: how much of a completion the head reads (None = all of it, 0 = prompt and latents
+    only); it predicts the correctness of the full completion either way (Correctness-LTPO's cost)."""
+
+    def __init__(self, hidden_size: int, width: int | None = None, draft_tokens: int | None = None):
         super().__init__()
         w = width or max(32, min(512, hidden_size // 4))
-        self.hidden_size, self.width = hidden_size, w
+        self.hidden_size, self.width, self.draft_tokens = hidden_size, w, draft_tokens
         self.hidden = _Stream(hidden_size, w, seeds=3)
         self.confidence = _Stream(3, w // 2, seeds=2)
         self.gates = nn.ModuleList([nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 1)),
@@ -70,7 +74,8 @@ class CorrectnessHead(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "head.safetensors")
-        (folder / "head.json").write_text(json.dumps({"hidden_size": self.hidden_size, "width": self.width}))
+        (folder / "head.json").write_text(json.dumps({"hidden_size": self.hidden_size, "width": self.width,
+                                                      "draft_tokens": self.draft_tokens}))
 
 
 def load_head(folder, hidden_size: int | None = None) -> CorrectnessHead:
@@ -81,7 +86,7 @@ def load_head(folder, hidden_size: int | None = None) -> CorrectnessHead:
     if hidden_size is not None and meta["hidden_size"] != hidden_size:
         raise ReasonerError(f"correctness head {folder} reads hidden size {meta['hidden_size']}, the reasoner has "
                             f"{hidden_size}; train a head for this reasoner")
-    head = CorrectnessHead(meta["hidden_size"], meta["width"])
+    head = CorrectnessHead(meta["hidden_size"], meta["width"], meta.get("draft_tokens"))
     head.load_state_dict(load_file(folder / "head.safetensors"))
     return head
 
@@ -104,6 +109,20 @@ def head_inputs(reasoner, embeds: torch.Tensor, labels: torch.Tensor, mask: torc
         rows = torch.stack([lp.exp(), lp, entropy], -1)
         stats.append(rows if len(rows) else torch.zeros(1, 3))
     return hiddens, stats
+
+
+def completion_inputs(reasoner, weaver, prompts, tokens, insertions, augment, draft_tokens: int | None = None,
+                      prompt_latents: torch.Tensor | None = None):
+    """The head's inputs for decoded completions (token ids and insertion points per row, as
+    `augment.generate` returns them) cut to their first `draft_tokens` tokens (None: whole; 0: prompt
+    and latents only), with the latents spliced in where they were inserted."""
+    examples = []
+    for i, (prompt, toks, ins) in enumerate(zip(prompts, tokens, insertions)):
+        if draft_tokens is not None:
+            toks, ins = toks[:draft_tokens], [j for j in ins if j < draft_tokens]
+        latents = None if prompt_latents is None else prompt_latents[i:i + 1]
+        examples.append(splice(reasoner, weaver, prompt, toks, ins, augment, prompt_latents=latents))
+    return head_inputs(reasoner, *batch_splices(examples))
 
 
 def auroc(scores, labels) -> float:

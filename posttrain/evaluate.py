@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice
-from .correctness import head_inputs, load_head
+from .augment import AugmentConfig, delimiter_ids, generate
+from .correctness import completion_inputs, load_head
 from .data import extract_prediction, is_correct, load_problems
 from .ltpo import LTPOConfig, confidence_reward, optimize, prompt_embeds
 from .reasoner import hidden_size, load_reasoner, load_tokenizer
@@ -35,14 +35,17 @@ from .trigger import FixedTrigger, LearnedTrigger
 from .weaver import load_weaver
 
 
-def correctness_reward(reasoner, weaver, head, prompts, augment, trigger, delims, max_new_tokens, eos_id):
-    """reward_fn for Correctness-LTPO: P(correct) of the greedy draft decoded with the candidate latents."""
+def correctness_reward(reasoner, weaver, head, prompts, augment, trigger, delims, draft_tokens, eos_id):
+    """reward_fn for Correctness-LTPO: P(correct) of the greedy draft of `draft_tokens` tokens decoded
+    with the candidate latents; with 0 the head reads prompt + latents and nothing is decoded."""
     def reward(latents):
-        gen = generate(reasoner, weaver, prompts, augment, trigger, delims, max_new_tokens, eos_id,
-                       prompt_latents=latents)
-        examples = [splice(reasoner, weaver, p, t, ins, augment, prompt_latents=latents[i:i + 1])
-                    for i, (p, t, ins) in enumerate(zip(prompts, gen.tokens, gen.insertions))]
-        hidden, stats = head_inputs(reasoner, *batch_splices(examples))
+        tokens, insertions = [[] for _ in prompts], [[] for _ in prompts]
+        if draft_tokens:
+            gen = generate(reasoner, weaver, prompts, augment, trigger, delims, draft_tokens, eos_id,
+                           prompt_latents=latents)
+            tokens, insertions = gen.tokens, gen.insertions
+        hidden, stats = completion_inputs(reasoner, weaver, prompts, tokens, insertions, augment,
+                                          prompt_latents=latents)
         return torch.sigmoid(head(hidden, stats))
     return reward
 
@@ -100,7 +103,7 @@ class Evaluator:
         self.delimiters = delimiters or AugmentConfig().delimiters
         self.delims = delimiter_ids(tok, self.delimiters)
         self.max_new_tokens, self.pattern = max_new_tokens, pattern
-        self.draft_tokens = draft_tokens or max_new_tokens
+        self.draft_tokens = draft_tokens  # None: the head's own draft length (its training), else all
         self.ltpo = ltpo or LTPOConfig()
         self.stop_at = stop_at
         self.num_latents = num_latents  # placeholder latents when LTPO runs without a weaver
@@ -123,8 +126,10 @@ class Evaluator:
                 reward = confidence_reward(self.reasoner, embeds, mask, self.ltpo.top_k, self.ltpo.confidence)
                 cfg = self.ltpo
             else:
+                draft = next(n for n in (self.draft_tokens, row.head.draft_tokens, self.max_new_tokens)
+                             if n is not None)
                 reward = correctness_reward(self.reasoner, row.weaver, row.head, prompts, augment, row.trigger,
-                                            self.delims, self.draft_tokens, self.tok.eos_id)
+                                            self.delims, draft, self.tok.eos_id)
                 cfg = replace(self.ltpo, stop_at=self.stop_at)
             result = optimize(start, reward, cfg, generator=torch.Generator().manual_seed(0))
             latents, steps = result.latents, result.steps.tolist()
@@ -189,7 +194,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--draft-tokens", type=int, default=None, help="Correctness-LTPO draft length (default: all)")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="Correctness-LTPO draft length (default: the head's own, set when it was trained with posttrain.head --draft-tokens; else the whole answer); 0 = no draft")
     p.add_argument("--max-insertions", type=int, default=5)
     p.add_argument("--delimiters", default=None, help="JSON list of delimiter strings (default [\",\", \".\", \"\\n\"])")
     p.add_argument("--ltpo-steps", type=int, default=10)

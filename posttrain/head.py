@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice
-from .correctness import CorrectnessHead, auroc, calibration_error, head_inputs, train_head
+from .augment import AugmentConfig, delimiter_ids, generate
+from .correctness import CorrectnessHead, auroc, calibration_error, completion_inputs, train_head
 from .data import is_correct, load_problems
 from .reasoner import hidden_size, load_reasoner, load_tokenizer
 from .trigger import FixedTrigger
@@ -25,8 +25,9 @@ from .weaver import load_weaver
 
 
 def collect(reasoner, weaver, tok, problems, augment, trigger, delims, max_new_tokens, samples=1, batch=16,
-            pattern=r"####\s*([^\n]+)", progress=True):
-    """(hidden, token_stats, label, problem index) for each completion."""
+            pattern=r"####\s*([^\n]+)", progress=True, draft_tokens=None):
+    """(hidden, token_stats, label, problem index) for each completion; the label is the whole
+    completion's correctness, the inputs read its first `draft_tokens` tokens (None: all)."""
     rows = []
     jobs = [(i, s > 0) for i in range(len(problems)) for s in range(samples)]
     for start in tqdm(range(0, len(jobs), batch), desc="completions", disable=not progress):
@@ -39,9 +40,8 @@ def collect(reasoner, weaver, tok, problems, augment, trigger, delims, max_new_t
             with torch.no_grad():
                 gen = generate(reasoner, weaver, prompts, augment, trigger, delims, max_new_tokens, tok.eos_id,
                                sample=sample)
-                examples = [splice(reasoner, weaver, p, t, ins, augment)
-                            for p, t, ins in zip(prompts, gen.tokens, gen.insertions)]
-                hidden, stats = head_inputs(reasoner, *batch_splices(examples))
+                hidden, stats = completion_inputs(reasoner, weaver, prompts, gen.tokens, gen.insertions, augment,
+                                                  draft_tokens)
             for (i, _), h, st, toks in zip(part, hidden, stats, gen.tokens):
                 rows.append((h, st, int(is_correct(tok.decode(toks), problems[i], pattern)), i))
     return rows
@@ -65,6 +65,9 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=2, help="completions per problem (1 greedy + sampled)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="the head reads only the first N completion tokens (0: prompt + latents only) and still "
+                        "predicts the whole completion's correctness: a cheaper Correctness-LTPO reward")
     p.add_argument("--max-insertions", type=int, default=5)
     p.add_argument("--delimiters", default=None, help='JSON list of delimiter strings (default [",", ".", "\\n"])')
     p.add_argument("--output", required=True)
@@ -78,11 +81,12 @@ def main(argv=None):
         augment.delimiters = json.loads(args.delimiters)
     problems = load_problems(args.data, args.problems)
     rows = collect(reasoner, weaver, tok, problems, augment, FixedTrigger("always"),
-                   delimiter_ids(tok, augment.delimiters), args.max_new_tokens, args.samples)
+                   delimiter_ids(tok, augment.delimiters), args.max_new_tokens, args.samples,
+                   draft_tokens=args.draft_tokens)
     held_out = set(random.Random(0).sample(range(len(problems)), len(problems) // 5))
     train = [r for r in rows if r[3] not in held_out]
     test = [r for r in rows if r[3] in held_out]
-    head = CorrectnessHead(hidden_size(reasoner))
+    head = CorrectnessHead(hidden_size(reasoner), draft_tokens=args.draft_tokens)
     losses = train_head(head, train, steps=args.steps)
     report = {"train": evaluate_head(head, train), "held_out": evaluate_head(head, test),
               "final_loss": losses[-1], "parameters": sum(p.numel() for p in head.parameters())}

@@ -8,8 +8,9 @@ from .data.synthetic import exact_match
 
 
 @torch.no_grad()
-def validation_loss(model, loader_batches, device) -> list[float]:
-    """Mean CE per pass over this rank's validation micro-batches, averaged over all targets of all ranks."""
+def validation_loss(model, loader_batches, device) -> list[float] | None:
+    """Mean CE per pass over this rank's validation micro-batches, averaged over all targets of all ranks;
+    None when no rank had a target to score (an empty or too small validation split)."""
     sums = None
     for batch in loader_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -20,7 +21,7 @@ def validation_loss(model, loader_batches, device) -> list[float]:
     if sums is None:
         sums = torch.zeros(model.config.total_ut_steps + 1, dtype=torch.float64, device=device)
     dist.all_reduce(sums)
-    return (sums[:-1] / sums[-1].clamp_min(1)).tolist()
+    return (sums[:-1] / sums[-1]).tolist() if sums[-1] > 0 else None
 
 
 @torch.no_grad()

@@ -89,7 +89,9 @@ def main(argv=None):
           " tokens/s (2 CPU ranks)")
     print(f"final loss {last['loss']:.4f}; CE per pass [" + " ".join(f"{x:.3f}" for x in last["loss_per_pass"]) + "]")
     print("mean exit distribution over passes [" + " ".join(f"{x:.3f}" for x in last["exit_probs"]) + "]")
-    print("validation CE per pass [" + " ".join(f"{x:.3f}" for x in final_eval["valid_loss_per_pass"]) + "]")
+    valid = final_eval.get("valid_loss_per_pass")
+    print("validation CE per pass " + ("[" + " ".join(f"{x:.3f}" for x in valid) + "]" if valid else
+                                       ": none (the validation split is smaller than one batch; see the warning)"))
     print("held-out exact match by exit depth (pass 1..T, and the learned gate at q=config), against the\n"
           "majority baseline (always answering the most frequent held-out answer):")
     for task in ("mano", "multihop"):

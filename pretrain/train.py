@@ -149,13 +149,20 @@ def run(cfg, rank: int, world: int):
             vs = RankBatchSampler(cfg.train.micro_batch * world, cfg.train.micro_batch, rank, world, 0, len(valid_set))
             it = iter(build_loader(valid_set, vs))
             chunk = [b for _, b in zip(range(cfg.train.eval_batches), it)]
-            record["valid_loss_per_pass"] = validation_loss(engine.module, chunk, device)
+            losses = validation_loss(engine.module, chunk, device)
+            if losses is None and rank == 0:
+                print(f"warning: eval step {step}: no validation CE: the validation split holds {len(valid_set)} "
+                      f"sequences, fewer than one micro-batch per rank ({cfg.train.micro_batch} x {world}); "
+                      "raise data.valid_fraction", file=sys.stderr, flush=True)
+            elif losses is not None:
+                record["valid_loss_per_pass"] = losses
         if tasks and tokenizer is not None and cfg.train.eval_max_prompts > 0:
             record["accuracy"] = task_accuracy(engine.module, tokenizer, tasks, cfg.train.eval_max_prompts, device,
                                                sync=cfg.train.zero_stage == 3)
         engine.module.train()
+        valid = record.get("valid_loss_per_pass")
         logger.log(record, f"eval step {step}: " + " ".join(
-            [f"valid CE/pass [{' '.join(f'{x:.3f}' for x in record.get('valid_loss_per_pass', []))}]"] +
+            ([f"valid CE/pass [{' '.join(f'{x:.3f}' for x in valid)}]"] if valid else []) +
             [f"{k}={v:.2f}" for k, v in sorted(record.get("accuracy", {}).items())]))
         return record
 

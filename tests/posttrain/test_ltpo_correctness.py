@@ -107,3 +107,61 @@ def test_head_inputs_and_parameter_count():
     assert ((stats[0][:, 0] > 0) & (stats[0][:, 0] <= 1)).all()
     big = sum(p.numel() for p in CorrectnessHead(2048).parameters())
     assert 3e6 < big < 7e6  # "about 5M" at the seed scale
+
+
+@pytest.mark.parametrize("draft", [None, 2, 0])
+def test_completion_inputs_read_the_draft_only(draft):
+    """The head's inputs for a draft of N tokens equal those of the answer cut by hand to N tokens,
+    latents included where they were inserted; with 0 the head reads prompt + latents only."""
+    from posttrain.augment import AugmentConfig, batch_splices, splice
+    from posttrain.correctness import completion_inputs
+    from posttrain.weaver import Weaver, WeaverConfig
+
+    torch.manual_seed(0)
+    reasoner = tiny_reasoner("looplm")
+    weaver = Weaver(reasoner, WeaverConfig(num_latents=2, lora_r=2, lora_alpha=4)).eval()
+    augment = AugmentConfig(max_insertions=2)
+    prompts, tokens, insertions = [[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15, 16]], [[0, 2], [1]]
+    with torch.no_grad():
+        hidden, stats = completion_inputs(reasoner, weaver, prompts, tokens, insertions, augment, draft)
+    n = 99 if draft is None else draft
+    cut = [(t[:n], [j for j in ins if j < n]) for t, ins in zip(tokens, insertions)]
+    with torch.no_grad():
+        expected = head_inputs(reasoner, *batch_splices([splice(reasoner, weaver, p, t, ins, augment)
+                                                         for p, (t, ins) in zip(prompts, cut)]))
+    for got, want in zip(hidden + stats, expected[0] + expected[1]):
+        torch.testing.assert_close(got, want)
+    latents = 2 * (1 + torch.tensor([len(ins) for _, ins in cut]))
+    assert [h.shape[0] for h in hidden] == (torch.tensor([len(p) + len(t) for p, (t, _) in zip(prompts, cut)])
+                                            + latents).tolist()
+    if draft == 0:
+        assert all(torch.equal(s, torch.zeros(1, 3)) for s in stats)
+
+
+def test_head_keeps_its_draft_length(tmp_path):
+    CorrectnessHead(16, draft_tokens=8).save(tmp_path / "h8")
+    CorrectnessHead(16).save(tmp_path / "whole")
+    assert load_head(tmp_path / "h8", 16).draft_tokens == 8 and load_head(tmp_path / "whole", 16).draft_tokens is None
+
+
+def test_no_draft_reward_decodes_nothing(monkeypatch):
+    """Correctness-LTPO with a prompt-only head scores prompt + candidate latents without decoding."""
+    import posttrain.evaluate as evaluate
+    from posttrain.augment import AugmentConfig, batch_splices, splice
+    from posttrain.trigger import FixedTrigger
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a no-draft reward must not decode")
+
+    monkeypatch.setattr(evaluate, "generate", no_decoding)
+    torch.manual_seed(0)
+    reasoner, head = tiny_reasoner("looplm"), CorrectnessHead(64, draft_tokens=0).eval()
+    prompts, latents = [[5, 6, 7], [8, 9]], torch.randn(2, 3, 64)
+    augment = AugmentConfig(prompt_augment=True, max_insertions=0)
+    reward = evaluate.correctness_reward(reasoner, None, head, prompts, augment, FixedTrigger("always"), set(), 0, 2)
+    with torch.no_grad():
+        got = reward(latents)
+        examples = [splice(reasoner, None, p, [], [], augment, prompt_latents=latents[i:i + 1])
+                    for i, p in enumerate(prompts)]
+        expected = torch.sigmoid(head(*head_inputs(reasoner, *batch_splices(examples))))
+    torch.testing.assert_close(got, expected)

@@ -94,3 +94,13 @@ def test_bf16_training_runs_with_fp32_exit_math(corpus, tmp_path):
     records = [r for r in metrics(tmp_path / "bf16") if "loss" in r]
     assert all(math.isfinite(r["loss"]) for r in records) and records[1]["loss"] < records[0]["loss"] + 0.5
     assert abs(sum(records[0]["exit_probs"]) - 1) < 1e-5
+
+
+def test_a_validation_split_smaller_than_a_batch_logs_no_number(corpus, tmp_path, capsys):
+    """An empty validation batch set is reported as such, never as a CE of 0.000."""
+    run_in_process(base_overrides(corpus, tmp_path / "v", **{"train.max_steps": 1, "data.valid_fraction": 0.0003,
+                                                              "train.micro_batch": 8}))
+    evals = [r for r in metrics(tmp_path / "v") if "loss" not in r and "step" in r]
+    assert evals and not any("valid_loss_per_pass" in r for r in evals)
+    err = capsys.readouterr().err
+    assert "no validation CE" in err and "raise data.valid_fraction" in err
