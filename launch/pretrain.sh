@@ -20,7 +20,9 @@ fi
 config="$1"; shift
 python="${PYTHON:-$( [ -x "$repo/.venv/bin/python" ] && echo "$repo/.venv/bin/python" || echo python3 )}"
 script="launch/$(basename "$0")"
-mapfile -t runner_flags < <(cd "$repo" && "$python" -m pretrain.launch_flags --script "$script" "$config" "$@")
+# The config is checked here, before any rank starts: an error stops the launcher with its message.
+flags="$(cd "$repo" && "$python" -m pretrain.launch_flags --script "$script" "$config" "$@")" || exit $?
+mapfile -t runner_flags <<< "$flags"
 deepspeed="$(dirname "$python")/deepspeed"
 [ -x "$deepspeed" ] || deepspeed=deepspeed
 cd "$repo"

@@ -97,7 +97,7 @@ class LaunchConfig:
     num_nodes: int = 1
     gpus_per_node: int | None = None  # None = all the node has
     hostfile: str | None = None
-    master_port: int = 29500
+    master_port: int | None = None  # None: a free port on a single node, 29500 across nodes
 
 
 @dataclass

@@ -3,7 +3,9 @@
     python -m pretrain.export --checkpoint runs/smoke --output runs/smoke/hf [--dtype bfloat16]
 
 --checkpoint takes a run folder (its newest complete checkpoint), a run's checkpoints/ folder, or
-one global_stepN folder. The tokenizer the run trained with is copied beside the weights.
+one global_stepN folder. The tokenizer the run trained with is copied beside the weights. A
+non-empty --output is refused unless --overwrite is given; the folder is written aside
+(OUTPUT.partial) and renamed into place when complete, so an old export is replaced only by a whole one.
 """
 
 import argparse
@@ -41,7 +43,11 @@ def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
-def export(ckpt_path, output, dtype: str = "float32") -> Path:
+def export(ckpt_path, output, dtype: str = "float32", overwrite: bool = False) -> Path:
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ConfigError(f"export output {output} already exists and is not empty; pass --overwrite to replace it "
+                          "(the old folder stays until the new export is complete) or choose another --output")
     ckpt = resolve(ckpt_path)
     state = checkpoint.read_state(ckpt)
     cfg = config_from_dict(state["config"])
@@ -54,15 +60,24 @@ def export(ckpt_path, output, dtype: str = "float32") -> Path:
         raise ConfigError(f"checkpoint {ckpt} does not match the model of its config: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     model = model.to(getattr(torch, dtype))
-    output = Path(output)
-    model.save_pretrained(output)
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a leftover of an interrupted export
+    model.save_pretrained(partial)
     tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.default_corpus_dir) / "tokenizer.model"
     if tokenizer.is_dir():
         for f in tokenizer.iterdir():
             if f.is_file() and "token" in f.name:
-                shutil.copy(f, output / f.name)
+                shutil.copy(f, partial / f.name)
     elif tokenizer.exists():
-        shutil.copy(tokenizer, output / "tokenizer.model")
+        shutil.copy(tokenizer, partial / "tokenizer.model")
+    old = output.with_name(output.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if output.is_dir():
+        output.rename(old)
+    elif output.exists():
+        output.unlink()
+    partial.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
     return output
 
 
@@ -71,9 +86,10 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (once the new one is whole)")
     args = p.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.output, args.dtype)
+        out = export(args.checkpoint, args.output, args.dtype, args.overwrite)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)

@@ -5,6 +5,7 @@ then the config's `launch:` section.
 """
 
 import os
+import socket
 import sys
 
 from .config import ConfigError, load_config
@@ -26,8 +27,17 @@ def runner_flags(cfg, env=os.environ) -> list[str]:
         flags += ["--num_gpus", str(gpus)]
     if env.get("MASTER_ADDR"):
         flags += ["--master_addr", env["MASTER_ADDR"]]
-    flags += ["--master_port", str(env.get("MASTER_PORT", launch.master_port))]
+    port = env.get("MASTER_PORT") or launch.master_port
+    if port is None:  # two single-node jobs on one machine must not both take 29500
+        port = free_port() if nodes == 1 and not hostfile else 29500
+    flags += ["--master_port", str(port)]
     return flags
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import DataError, cli_main
-from .indexed import IndexedWriter
+from .indexed import IndexedWriter, paths
 from .tokenizer import Tokenizer
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -99,8 +99,13 @@ def _batches(docs, size):
 
 
 def ingest(inputs: list[str], tokenizer: str | Path, output: str | Path, text_field: str = "text",
-           workers: int = 1, batch_size: int = 256, progress: bool = True) -> dict:
-    """Tokenize every document of `inputs` into output.bin/.idx. Returns the index header."""
+           workers: int = 1, batch_size: int = 256, progress: bool = True, overwrite: bool = False) -> dict:
+    """Tokenize every document of `inputs` into output.bin/.idx. Returns the index header. An existing
+    output is refused unless `overwrite`; then it is replaced only once the new files are complete."""
+    existing = [p for p in paths(output) if p.exists()]
+    if existing and not overwrite:
+        raise DataError(f"{' and '.join(map(str, existing))} already exist; pass --overwrite to replace them (the "
+                        "old files stay until the new ones are complete) or choose another --output")
     tok = Tokenizer(tokenizer)
     sources = expand_inputs(inputs)
     docs = (doc for source, builder in sources for doc in read_documents(source, builder, text_field))
@@ -147,8 +152,11 @@ def main(argv=None):
     p.add_argument("--text-field", default="text")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256, help="documents per worker task")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing PREFIX.bin/.idx (only once the new ones are complete)")
     args = p.parse_args(argv)
-    h = ingest(args.input, args.tokenizer, args.output, args.text_field, args.workers, args.batch_size)
+    h = ingest(args.input, args.tokenizer, args.output, args.text_field, args.workers, args.batch_size,
+               overwrite=args.overwrite)
     print(f"wrote {args.output}.bin/.idx: {h['num_docs']} documents, {h['num_tokens']} tokens "
           f"({h['dtype']}), {h['empty_documents']} empty documents skipped")
 

@@ -166,7 +166,8 @@ def prepare_corpus(out_dir: str | Path, recipe: dict, write, vocab_size: int, wo
     out.mkdir(parents=True, exist_ok=True)
     written = write(out)
     train_sentencepiece(read_texts(files["train"], "text"), files["tokenizer"], vocab_size, user_symbols=user_symbols)
-    ingest([str(files["train"])], files["tokenizer"], files["data"], workers=workers, progress=progress)
+    ingest([str(files["train"])], files["tokenizer"], files["data"], workers=workers, progress=progress,
+           overwrite=True)  # the recipe stamp above decided that this corpus is regenerated
     files.update(written)
     side = {name: str(Path(path).relative_to(out)) for name, path in written.items() if name != "train"}
     stamp.write_text(json.dumps({"recipe": recipe, "files": side}, indent=1))

@@ -1,5 +1,7 @@
 """Run configs: overrides, types, unknown keys, batch arithmetic, the derived DeepSpeed config."""
 
+import socket
+
 import pytest
 
 from pretrain.config import ConfigError, deepspeed_config, load_config, validate
@@ -52,7 +54,8 @@ def test_batch_arithmetic_against_the_world_size():
 
 
 def test_deepspeed_config_is_derived():
-    cfg = load_config("configs/smoke.yaml", ["train.zero_stage=3", "deepspeed.zero_optimization={overlap_comm: true}"])
+    cfg = load_config("configs/smoke.yaml", ["train.zero_stage=3", "train.micro_batch=4",
+                                             "deepspeed.zero_optimization={overlap_comm: true}"])
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.0
@@ -62,12 +65,32 @@ def test_deepspeed_config_is_derived():
 
 def test_runner_flags_from_config_and_environment(tmp_path):
     cfg = load_config("configs/smoke.yaml")
-    assert runner_flags(cfg, env={}) == ["--num_gpus", "2", "--master_port", "29500"]
+    first, second = runner_flags(cfg, env={}), runner_flags(cfg, env={})
+    assert first[:3] == ["--num_gpus", "2", "--master_port"] and first[3] != second[3]  # free, so never shared
+    for port in (first[3], second[3]):  # and really free: it can be bound
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", int(port)))
+    assert runner_flags(load_config("configs/smoke.yaml", ["launch.master_port=7000"]), env={})[3] == "7000"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
     env = {"HOSTFILE": str(hostfile), "NUM_NODES": "2", "GPUS_PER_NODE": "8", "MASTER_ADDR": "node1",
            "MASTER_PORT": "6000"}
     assert runner_flags(cfg, env) == ["--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "8",
                                       "--master_addr", "node1", "--master_port", "6000"]
+    del env["MASTER_PORT"]
+    assert runner_flags(cfg, env)[-1] == "29500"  # across nodes every node must know the port
     with pytest.raises(ConfigError, match="hostfile"):
         runner_flags(cfg, {"HOSTFILE": str(tmp_path / "missing")})
+
+
+def test_the_launcher_stops_on_a_config_error_before_any_rank_starts():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(["bash", "launch/pretrain.sh", "configs/smoke.yaml", "train.no_such_key=1"], cwd=repo,
+                          capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin",
+                                                                            "PYTHON": sys.executable})
+    assert proc.returncode == 2
+    assert proc.stderr.count("train.no_such_key") == 1 and "deepspeed" not in proc.stderr  # no runner started

@@ -104,3 +104,21 @@ def test_a_validation_split_smaller_than_a_batch_logs_no_number(corpus, tmp_path
     assert evals and not any("valid_loss_per_pass" in r for r in evals)
     err = capsys.readouterr().err
     assert "no validation CE" in err and "raise data.valid_fraction" in err
+
+
+def test_export_refuses_a_non_empty_output_and_replaces_it_whole_with_overwrite(corpus, tmp_path, capsys):
+    from pretrain.export import main as export_main
+
+    run_in_process(base_overrides(corpus, tmp_path / "run", **{"train.max_steps": 1}))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "mine.txt").write_text("a user's file")
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "hf") in err and "--overwrite" in err
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["mine.txt"]  # nothing written into it
+    export_main(["--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf"), "--overwrite"])
+    assert (tmp_path / "hf" / "config.json").exists() and not (tmp_path / "hf" / "mine.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == ["hf"]  # no .partial / .old
+    LoopLMForCausalLM.from_pretrained(tmp_path / "hf")

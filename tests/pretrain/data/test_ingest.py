@@ -165,3 +165,19 @@ def test_damaged_files_are_detected(built, damage, match, on_open):
         idx_path.unlink()
     with pytest.raises(DataError, match=match):
         IndexedDataset(prefix).verify() if not on_open else IndexedDataset(prefix)
+
+
+def test_an_existing_output_is_refused_and_replaced_only_with_overwrite(tmp_path, capsys):
+    tok = sp_tokenizer(tmp_path)
+    first, second = write_jsonl(tmp_path / "a.jsonl", corpus(20)), write_jsonl(tmp_path / "b.jsonl", corpus(35))
+    ingest([str(first)], tok, tmp_path / "out", progress=False)
+    before = [(tmp_path / f"out.{s}").read_bytes() for s in ("bin", "idx")]
+    with pytest.raises(SystemExit) as exit_info:
+        ingest_main(["--input", str(second), "--tokenizer", str(tok), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "out.bin" in err and "--overwrite" in err
+    assert [(tmp_path / f"out.{s}").read_bytes() for s in ("bin", "idx")] == before  # untouched
+    ingest_main(["--input", str(second), "--tokenizer", str(tok), "--output", str(tmp_path / "out"), "--overwrite"])
+    assert len(IndexedDataset(tmp_path / "out")) == 35
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.bin", "out.idx"]  # no temporary left
