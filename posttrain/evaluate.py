@@ -26,11 +26,13 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from pretrain.data.errors import DataError, cli_main
+
 from .augment import AugmentConfig, delimiter_ids, generate
 from .correctness import completion_inputs, load_head
-from .data import extract_prediction, is_correct, load_problems
+from .data import ProblemError, extract_prediction, is_correct, load_problems
 from .ltpo import LTPOConfig, confidence_reward, optimize, prompt_embeds
-from .reasoner import hidden_size, load_reasoner, load_tokenizer
+from .reasoner import ReasonerError, hidden_size, load_reasoner, load_tokenizer
 from .trigger import FixedTrigger, LearnedTrigger
 from .weaver import load_weaver
 
@@ -181,6 +183,7 @@ def format_table(table) -> str:
     return "\n".join(lines)
 
 
+@cli_main(errors=(ReasonerError, ProblemError, DataError), code=2)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reasoner", required=True)

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pretrain.data.errors import DataError, cli_main
+
 from .augment import AugmentConfig, delimiter_ids, generate
 from .correctness import CorrectnessHead, auroc, calibration_error, completion_inputs, train_head
-from .data import is_correct, load_problems
-from .reasoner import hidden_size, load_reasoner, load_tokenizer
+from .data import ProblemError, is_correct, load_problems
+from .reasoner import ReasonerError, hidden_size, load_reasoner, load_tokenizer
 from .trigger import FixedTrigger
 from .weaver import load_weaver
 
@@ -55,6 +57,7 @@ def evaluate_head(head, rows) -> dict:
             "positive_rate": sum(labels) / max(len(labels), 1)}
 
 
+@cli_main(errors=(ReasonerError, ProblemError, DataError), code=2)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reasoner", required=True)

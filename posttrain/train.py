@@ -20,9 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pretrain.checkpoint import rng_state, set_rng_state
+from pretrain.checkpoint import CheckpointError, rng_state, set_rng_state, verify, write_manifest
 from pretrain.config import ConfigError, load_config
-from pretrain.train import init_distributed, shutdown_distributed
+from pretrain.train import init_distributed, rank_errors, shutdown_distributed
 
 from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice, token_log_probs
 from .config import PostConfig
@@ -186,6 +186,7 @@ def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int, hea
     dist.barrier()
     torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
     dist.barrier()
+    write_manifest(ckpt)
     if rank == 0:
         (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "reasoner": system.cfg.reasoner.path,
                                                              "world_size": dist.get_world_size()}))
@@ -200,12 +201,17 @@ def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int, hea
 
 
 def find_checkpoint(out: Path) -> Path | None:
+    """The checkpoint `latest` names; one that is missing or incomplete is an error, not a fresh start."""
     latest = out / "checkpoints" / "latest"
-    if latest.exists():
-        ckpt = out / "checkpoints" / latest.read_text().strip()
-        if (ckpt / "trainer_state.json").exists():
-            return ckpt
-    return None
+    if not latest.exists():
+        return None
+    ckpt = out / "checkpoints" / latest.read_text().strip()
+    if not (ckpt / "trainer_state.json").exists():
+        others = sorted(str(p) for p in ckpt.parent.glob("step_*") if (p / "trainer_state.json").exists())
+        raise CheckpointError(f"{latest} names {ckpt}, which is {'incomplete' if ckpt.is_dir() else 'missing'}; "
+                              + (f"resume another with train.resume=PATH: {', '.join(others)}" if others else
+                                 "no other complete checkpoint exists: start again with train.resume=none"))
+    return ckpt
 
 
 def run(cfg: PostConfig) -> System:
@@ -227,7 +233,12 @@ def run(cfg: PostConfig) -> System:
     step = 0
     ckpt = find_checkpoint(out) if t.resume == "auto" else (Path(t.resume) if t.resume != "none" else None)
     if ckpt is not None:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        verify(ckpt)
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{ckpt / 'trainer_state.json'} cannot be read ({err}); checkpoint {ckpt} is "
+                                  "damaged: resume another one with train.resume=PATH") from err
         if state["reasoner"] != cfg.reasoner.path:
             raise ReasonerError(f"checkpoint {ckpt} was trained with reasoner {state['reasoner']}, not "
                                 f"{cfg.reasoner.path}; point reasoner.path at it or start a new output_dir")
@@ -290,12 +301,9 @@ def main(argv=None):
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    try:
+    with rank_errors((ConfigError, ProblemError, ReasonerError)):
         run(load_config(args.config, args.overrides, cls=PostConfig))
         shutdown_distributed()
-    except (ConfigError, ProblemError, ReasonerError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 if __name__ == "__main__":

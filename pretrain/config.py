@@ -39,6 +39,9 @@ class DataConfig:
     on_exhaust: str = "wrap"  # wrap (reshuffled epochs) or stop
     num_workers: int = 0
     eval_tasks_dir: str | None = None  # eval_<task>.jsonl files for exact-match accuracy per depth
+    verify: str | bool = "sample"  # checksums of the .bin blocks at start: full | sample | off (YAML reads off as false)
+    verify_blocks: int = 16  # sample: blocks checked per file (the first, the last, the rest at random): 1 GiB
+    verify_on_read: bool = False  # also check every block the first time training reads from it
 
 
 @dataclass
@@ -102,10 +105,13 @@ class LaunchConfig:
 
 @dataclass
 class FaultConfig:
-    """Fault injection, to test the guards: a NaN loss at these steps, SIGKILL at a step."""
+    """Fault injection, to test the guards: a NaN loss at these steps, SIGKILL at a step, an error on one rank."""
 
     nan_at_steps: list = field(default_factory=list)
     kill_at_step: int | None = None
+    fail_at_step: int | None = None  # raise an error at this step ...
+    fail_rank: int = 0  # ... on this rank only (a failure its peers must not hide)
+    kill_in_save_at_step: int | None = None  # SIGKILL rank 0 inside this step's save, shards written, not committed
 
 
 @dataclass
@@ -170,6 +176,8 @@ def apply_override(tree: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value")
     key, raw = override.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} has an empty key; it must look like section.key=value")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
@@ -215,6 +223,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     from looplm.config import LoopLMConfig, preset_config
 
     t, o = cfg.train, cfg.optim
+    if cfg.data.verify is False:  # `verify: off` in YAML 1.1
+        cfg.data.verify = "off"
     checks = [
         (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3"),
         (t.max_steps > 0, "train.max_steps", "must be positive"),
@@ -224,6 +234,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         (0 <= o.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]"),
         (cfg.ouro.objective in ("stage1", "stage2"), "ouro.objective", f"{cfg.ouro.objective!r}: use stage1 or stage2"),
         (cfg.data.on_exhaust in ("wrap", "stop"), "data.on_exhaust", f"{cfg.data.on_exhaust!r}: use wrap or stop"),
+        (cfg.data.verify in ("full", "sample", "off"), "data.verify", f"{cfg.data.verify!r}: use full, sample or off"),
+        (cfg.data.verify_blocks >= 2, "data.verify_blocks", "must be at least 2 (the first and the last block)"),
         (cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", "use offline, online or disabled"),
         (len(o.betas) == 2, "optim.betas", "needs two values [beta1, beta2]"),
         (t.resume in ("auto", "none") or Path(t.resume).exists(), "train.resume",
@@ -241,9 +253,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             raise ConfigError(f"unknown config key model.overrides.{key}; it must be a LoopLMConfig key")
     if cfg.model.init_from is None:
         try:
-            preset_config(cfg.model.preset, **cfg.model.overrides)
+            model = preset_config(cfg.model.preset, **cfg.model.overrides)
         except ValueError as err:
             raise ConfigError(f"config key model: {err}") from err
+        if cfg.data.seq_len > model.max_position_embeddings:
+            raise ConfigError(f"config key data.seq_len: {cfg.data.seq_len} is longer than the model's "
+                              f"max_position_embeddings ({model.max_position_embeddings}); lower data.seq_len or "
+                              "raise model.overrides.max_position_embeddings")
     derived = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                "gradient_clipping", "bf16", "optimizer", "scheduler"}
     clash = derived & set(cfg.deepspeed)

@@ -49,6 +49,7 @@ def export(ckpt_path, output, dtype: str = "float32", overwrite: bool = False) -
         raise ConfigError(f"export output {output} already exists and is not empty; pass --overwrite to replace it "
                           "(the old folder stays until the new export is complete) or choose another --output")
     ckpt = resolve(ckpt_path)
+    checkpoint.verify(ckpt)
     state = checkpoint.read_state(ckpt)
     cfg = config_from_dict(state["config"])
     config = model_config(cfg)

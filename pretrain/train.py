@@ -5,11 +5,13 @@
 """
 
 import argparse
+import contextlib
 import math
 import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from . import checkpoint
 from .config import ConfigError, load_config, validate
 from .data import BlendedDataset, DataError, IndexedDataset, PackedDataset, RankBatchSampler, Tokenizer, build_loader, parse_blend
 from .data.synthetic import prepare_default_corpus, read_eval
+from .distributed import is_rank0, shared_out
 from .engine import build_engine, build_model, entropy_beta
 from .evaluate import task_accuracy, validation_loss
 from .metrics import LossGuard, MetricsLogger, flops_per_token
@@ -46,9 +49,22 @@ def init_distributed():
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
+        release_shared_memory_names()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
+
+
+def release_shared_memory_names():
+    """DeepSpeed's CPU all-reduce puts one /dev/shm segment per rank (about 66 MiB) under a name made
+    of the master address and port, and never unlinks it, so every run used to leave them behind.
+    When init returns, every rank has mapped all its peers' segments; after a barrier each rank
+    unlinks its own name. The mappings stay valid and the memory goes back when the run ends, by a
+    clean exit, an error, SIGTERM or SIGKILL alike."""
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def build_data(cfg, model_config, rank):
@@ -66,7 +82,8 @@ def build_data(cfg, model_config, rank):
     tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
     train_parts, valid_parts = [], []
     for _, prefix in entries:
-        indexed = IndexedDataset(prefix)
+        indexed = IndexedDataset(prefix, verify_on_read=d.verify_on_read)
+        verify_data(indexed, d)
         indexed.check_vocab(model_config.vocab_size)
         if tokenizer is not None:
             indexed.check_tokenizer(tokenizer.identity)
@@ -79,6 +96,30 @@ def build_data(cfg, model_config, rank):
     if tasks_dir is not None:
         tasks = {p.stem.removeprefix("eval_"): read_eval(p) for p in sorted(Path(tasks_dir).glob("eval_*.jsonl"))}
     return train, valid, tokenizer, tasks
+
+
+def verify_data(indexed, d) -> None:
+    """data.verify at start: the chosen .bin blocks against their checksums, shared out over the ranks;
+    a bad block stops every rank (rank 0 names it)."""
+    if indexed.num_blocks is None:
+        if is_rank0():
+            print(f"warning: {indexed.idx_path} has no block checksums (written by an older looplm), so its data "
+                  "is not verified; rebuild it with `python -m pretrain.data ingest ... --overwrite`",
+                  file=sys.stderr, flush=True)
+        return
+
+    def problem(block):
+        try:
+            indexed.verify_blocks([block])
+        except DataError as err:
+            return str(err)
+
+    found = sorted((b, msg) for b, msg in shared_out(indexed.choose_blocks(d.verify, d.verify_blocks, d.seed),
+                                                    problem).items() if msg)
+    if found:
+        err = DataError(found[0][1] + (f" ({len(found) - 1} more bad blocks)" if len(found) > 1 else ""))
+        err.on_every_rank = True
+        raise err
 
 
 class Preemption:
@@ -96,6 +137,7 @@ class Preemption:
 def run(cfg, rank: int, world: int):
     """Train according to `cfg`; returns the engine (for tests and tools)."""
     validate(cfg, world)
+    checkpoint.seed_globals(cfg.train.seed, rank)  # a resumed run restores them from its checkpoint
     out_dir = Path(cfg.train.output_dir)
     resume_from = None
     if cfg.train.resume == "auto":
@@ -109,6 +151,11 @@ def run(cfg, rank: int, world: int):
     universal = bool(state) and state["world_size"] != world and cfg.train.zero_stage > 0
 
     model = build_model(cfg)
+    if cfg.data.seq_len > model.config.max_position_embeddings:  # init_from: known once the model is read
+        err = ConfigError(f"config key data.seq_len: {cfg.data.seq_len} is longer than {cfg.model.init_from}'s "
+                          f"max_position_embeddings ({model.config.max_position_embeddings}); lower data.seq_len")
+        err.on_every_rank = True
+        raise err
     train_set, valid_set, tokenizer, tasks = build_data(cfg, model.config, rank)
     engine, optimizer, scheduler = build_engine(cfg, model, world, load_universal=universal)
     device = engine.device
@@ -137,10 +184,11 @@ def run(cfg, rank: int, world: int):
     base_beta = model.config.entropy_beta
 
     def save():
+        die = cfg.fault.kill_in_save_at_step == step and rank == 0
         checkpoint.save(engine, out_dir, step, {
             "consumed_samples": consumed, "tokens_seen": tokens_seen, "world_size": world,
             "zero_stage": cfg.train.zero_stage, "guard": guard.state(), "config": cfg.to_dict()},
-            cfg.train.keep_last)
+            cfg.train.keep_last, before_commit=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if die else None)
 
     def evaluate():
         engine.module.eval()
@@ -183,6 +231,8 @@ def run(cfg, rank: int, world: int):
         for i, batch in enumerate(micro):
             if cfg.fault.kill_at_step == step + 1 and rank == 0:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if cfg.fault.fail_at_step == step + 1 and rank == cfg.fault.fail_rank:
+                raise RuntimeError(f"injected failure at step {step + 1} (fault.fail_at_step)")
             batch = {k: v.to(device) for k, v in batch.items()}
             out = engine(**batch, num_items_in_batch=normalizer)
             loss = out.loss * float("nan") if step + 1 in cfg.fault.nan_at_steps else out.loss
@@ -282,14 +332,51 @@ def _grad_norm(engine) -> float | None:
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    with rank_errors():
         cfg = load_config(args.config, args.overrides)
         rank, world = init_distributed()
         run(cfg, rank, world)
         shutdown_distributed()
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+
+
+INPUT_ERRORS = (ConfigError, DataError)
+
+
+@contextlib.contextmanager
+def rank_errors(input_errors=INPUT_ERRORS):
+    """How a rank ends on an error, so that the job's output names the cause once:
+    * bad input (config, data, checkpoint: `input_errors`): one line `error: ...`, exit 2; an error
+      every rank found together (a damaged checkpoint) is printed by rank 0 alone;
+    * a peer's failure seen through a collective (gloo/NCCL): one line saying so, exit 1, so the
+      failing rank's own error is the one to read;
+    * anything else: the traceback headed by the rank, exit 1.
+    The DeepSpeed runner ends the other ranks once one exits non-zero."""
+    rank = int(os.environ.get("RANK", "0"))
+    where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    try:
+        yield
+    except input_errors as err:
+        if rank == 0 or not getattr(err, "on_every_rank", False):
+            print(f"error{where}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2)
+    except Exception as err:
+        if _peer_failure(err):
+            print(f"rank {rank}: stopping: a peer rank failed (its error is printed above or below)",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"error{where}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # no teardown: the process group may wait on the dead peer
+
+
+def _peer_failure(err: BaseException) -> bool:
+    """An error raised by a collective because another rank went away."""
+    dist_error = getattr(dist, "DistError", ())
+    text = str(err)
+    return isinstance(err, dist_error) or any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+        "Socket Timeout", "Timed out waiting"))
 
 
 def shutdown_distributed():

@@ -6,15 +6,20 @@ class DataError(ValueError):
     says what is wrong and how to fix it; command-line entry points print it and exit 1."""
 
 
-def cli_main(main):
-    """Wrap a CLI `main(argv)` so a DataError prints one clean line and exits non-zero."""
+def cli_main(main=None, *, errors: tuple = (DataError,), code: int = 1):
+    """Wrap a CLI `main(argv)` so that an input error (`errors`) prints one clean line and exits
+    with `code`. Use bare (`@cli_main`) or with arguments (`@cli_main(errors=(...), code=2)`)."""
+    import functools
     import sys
 
-    def run(argv=None):
-        try:
-            return main(argv)
-        except DataError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1)
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(argv=None):
+            try:
+                return fn(argv)
+            except errors as err:
+                print(f"error: {err}", file=sys.stderr)
+                raise SystemExit(code)
+        return run
 
-    return run
+    return wrap(main) if main is not None else wrap

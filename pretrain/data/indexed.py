@@ -3,11 +3,14 @@
 `PREFIX.bin`: the token ids of all documents back to back, in the smallest unsigned dtype that holds
 the vocabulary. `PREFIX.idx`: the magic `LOOPIDX1`, a little-endian uint64 header length, a JSON
 header (dtype, vocab_size, tokenizer identity, num_docs, num_tokens, empty_documents, sha256 of the
-.bin and of the offsets), then num_docs + 1 int64 document offsets (in tokens).
+.bin and of the offsets, and since version 2 a BLAKE2b digest of every `block_bytes` block of the
+.bin: `bin_blocks`), then num_docs + 1 int64 document offsets (in tokens).
 
 Writers write `*.tmp` files and rename them into place, the .idx last: an .idx exists only for a
-finished .bin. Readers memory-map both files, check header and sizes on open, and the checksums on
-demand (`verify()`).
+finished .bin. Readers memory-map both files and check header and sizes on open; `verify()` checks
+everything, `verify_blocks()` chosen blocks (training checks all of a small data set, a sample of a
+large one, and optionally every block the first time it is read). A .bin paired with another
+corpus's .idx fails the block check (the first and last block are always checked).
 """
 
 import hashlib
@@ -21,7 +24,12 @@ import numpy as np
 from .errors import DataError
 
 MAGIC = b"LOOPIDX1"
-VERSION = 1
+VERSION = 2
+BLOCK_BYTES = 64 << 20  # the unit of verification: 64 MiB of .bin
+
+
+def block_digest(data) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -45,8 +53,10 @@ class IndexedWriter:
 
     Offsets are spooled to a temporary file, so memory stays bounded whatever the corpus size."""
 
-    def __init__(self, prefix: str | Path, vocab_size: int, tokenizer: dict):
+    def __init__(self, prefix: str | Path, vocab_size: int, tokenizer: dict, block_bytes: int = BLOCK_BYTES):
         self.bin_path, self.idx_path = paths(prefix)
+        self.block_bytes, self._blocks, self._block = block_bytes, [], hashlib.blake2b(digest_size=16)
+        self._block_fill = 0
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self.vocab_size, self.tokenizer, self.dtype = vocab_size, tokenizer, token_dtype(vocab_size)
         self._tmp = [Path(str(p) + ".tmp") for p in (self.bin_path, self.idx_path)] + [
@@ -74,6 +84,15 @@ class IndexedWriter:
         data = arr.astype(self.dtype).tobytes()
         self._bin.write(data)
         self._bin_hash.update(data)
+        view = memoryview(data)
+        while view:  # the block digests, across document boundaries
+            take = min(len(view), self.block_bytes - self._block_fill)
+            self._block.update(view[:take])
+            self._block_fill += take
+            view = view[take:]
+            if self._block_fill == self.block_bytes:
+                self._blocks.append(self._block.hexdigest())
+                self._block, self._block_fill = hashlib.blake2b(digest_size=16), 0
         self.num_docs += 1
         self.num_tokens += arr.size
         self._write_offset(self.num_tokens)
@@ -85,7 +104,8 @@ class IndexedWriter:
             "version": VERSION, "dtype": self.dtype.name, "vocab_size": self.vocab_size,
             "tokenizer": self.tokenizer, "num_docs": self.num_docs, "num_tokens": self.num_tokens,
             "empty_documents": self.empty_documents, "bin_sha256": self._bin_hash.hexdigest(),
-            "offsets_sha256": self._off_hash.hexdigest(),
+            "offsets_sha256": self._off_hash.hexdigest(), "block_bytes": self.block_bytes,
+            "bin_blocks": self._blocks + ([self._block.hexdigest()] if self._block_fill else []),
         }
         blob = json.dumps(header, sort_keys=True).encode()
         with open(self._tmp[1], "wb") as idx, open(self._tmp[2], "rb") as off:
@@ -107,8 +127,9 @@ class IndexedWriter:
 class IndexedDataset:
     """Read-only view of PREFIX.bin/.idx without loading them: `doc(i)` -> np array of token ids."""
 
-    def __init__(self, prefix: str | Path):
+    def __init__(self, prefix: str | Path, verify_on_read: bool = False):
         self.bin_path, self.idx_path = paths(prefix)
+        self.verify_on_read, self._verified = verify_on_read, set()
         for p in (self.idx_path, self.bin_path):
             if not p.exists():
                 raise DataError(f"indexed dataset file {p} does not exist; run `python -m pretrain.data ingest` "
@@ -144,7 +165,15 @@ class IndexedDataset:
         return self.num_docs
 
     def doc(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        if self.verify_on_read and self.num_blocks:
+            size = self.header["block_bytes"]
+            first, last = start * self.dtype.itemsize // size, max(end * self.dtype.itemsize - 1, 0) // size
+            for b in range(first, last + 1):
+                if b not in self._verified:
+                    self.verify_blocks([b])
+                    self._verified.add(b)
+        return self.tokens[start:end]
 
     def verify(self) -> None:
         """Recompute the checksums of the .bin and of the offsets (reads everything once)."""
@@ -159,6 +188,34 @@ class IndexedDataset:
             off_hash.update(self.offsets[start:start + (1 << 20)].tobytes())
         if off_hash.hexdigest() != self.header["offsets_sha256"]:
             raise DataError(f"{self.idx_path} offsets do not match their checksum: corrupted; re-run ingestion")
+
+    @property
+    def num_blocks(self) -> int | None:
+        """Blocks with a recorded digest; None for an index written before block checksums."""
+        blocks = self.header.get("bin_blocks")
+        return None if blocks is None else len(blocks)
+
+    def verify_blocks(self, blocks) -> None:
+        """Check the given .bin blocks against their digests in the .idx."""
+        size, digests = self.header["block_bytes"], self.header["bin_blocks"]
+        raw = self.tokens.view(np.uint8) if self.num_tokens else np.zeros(0, np.uint8)
+        for b in blocks:
+            if block_digest(raw[b * size:(b + 1) * size]) != digests[b]:
+                raise DataError(f"{self.bin_path} block {b} (bytes {b * size}..{min((b + 1) * size, raw.size)}) does not "
+                                f"match its checksum in {self.idx_path}: the .bin is corrupted or belongs to another "
+                                "index; re-run ingestion (python -m pretrain.data ingest ... --overwrite)")
+
+    def choose_blocks(self, mode: str, sample: int, seed: int = 0) -> list[int]:
+        """The blocks a `data.verify` mode checks at start: full = all; sample = the first, the last and
+        up to `sample` in all, drawn by `seed` (all of a data set of at most `sample` blocks); off = none."""
+        n = self.num_blocks or 0
+        if mode == "off" or n == 0:
+            return []
+        if mode == "full" or n <= sample:
+            return list(range(n))
+        rng = np.random.default_rng(seed)
+        middle = rng.choice(np.arange(1, n - 1), size=max(sample - 2, 0), replace=False).tolist()
+        return sorted({0, n - 1, *middle})
 
     def check_vocab(self, model_vocab_size: int) -> None:
         if self.vocab_size > model_vocab_size:

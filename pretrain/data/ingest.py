@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import DataError, cli_main
-from .indexed import IndexedWriter, paths
+from .indexed import BLOCK_BYTES, IndexedWriter, paths
 from .tokenizer import Tokenizer
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -99,7 +99,8 @@ def _batches(docs, size):
 
 
 def ingest(inputs: list[str], tokenizer: str | Path, output: str | Path, text_field: str = "text",
-           workers: int = 1, batch_size: int = 256, progress: bool = True, overwrite: bool = False) -> dict:
+           workers: int = 1, batch_size: int = 256, progress: bool = True, overwrite: bool = False,
+           block_bytes: int = BLOCK_BYTES) -> dict:
     """Tokenize every document of `inputs` into output.bin/.idx. Returns the index header. An existing
     output is refused unless `overwrite`; then it is replaced only once the new files are complete."""
     existing = [p for p in paths(output) if p.exists()]
@@ -109,7 +110,7 @@ def ingest(inputs: list[str], tokenizer: str | Path, output: str | Path, text_fi
     tok = Tokenizer(tokenizer)
     sources = expand_inputs(inputs)
     docs = (doc for source, builder in sources for doc in read_documents(source, builder, text_field))
-    writer = IndexedWriter(output, tok.vocab_size, tok.identity)
+    writer = IndexedWriter(output, tok.vocab_size, tok.identity, block_bytes)
     bar = tqdm(desc=f"ingest {Path(output).name}", unit="doc", disable=not progress)
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer),)) if workers > 1 else None
     if pool is None:

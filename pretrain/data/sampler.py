@@ -57,6 +57,8 @@ def collate(samples: list[dict]) -> dict:
 
 def build_loader(dataset, sampler: RankBatchSampler, num_workers: int = 0):
     """A torch DataLoader over `dataset` in the sampler's order (workers only prefetch: the position
-    to save is the trainer's count of consumed samples, not the loader's)."""
+    to save is the trainer's count of consumed samples, not the loader's). It draws its workers' base
+    seed from a generator of its own: from torch's global one, every new iterator (one more in a
+    resumed run) would shift the RNG state that checkpoints save."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))

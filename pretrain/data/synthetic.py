@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 
 from .errors import cli_main
+from .indexed import VERSION as INDEX_VERSION
 
 MODULUS = 23  # the paper's F_23; smaller moduli make an easier task (fewer table entries to learn)
 MANO_DEFAULTS = {"max_ops": 2, "modulus": 7}  # the embedded corpus's Mano (see above)
@@ -151,6 +152,7 @@ def prepare_corpus(out_dir: str | Path, recipe: dict, write, vocab_size: int, wo
     out = Path(out_dir)
     files = {"train": out / "train.jsonl", "tokenizer": out / "tokenizer.model", "data": out / "train"}
     stamp = out / "corpus.json"
+    recipe = {**recipe, "index_version": INDEX_VERSION}  # an older index format is rebuilt too
     if stamp.exists():
         made = json.loads(stamp.read_text())
         made = made if {"recipe", "files"} <= set(made) else {"recipe": None, "files": {}}  # an older stamp

@@ -84,7 +84,8 @@ def test_resume_is_exact(reasoner_dir, tmp_path, mode, kl):
     saved = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
     assert saved == ["latest", "step_2", "step_4"]
     files = {p.name for p in (tmp_path / "split" / "checkpoints" / "step_4").iterdir()}
-    assert files == {"weaver.safetensors", "weaver.json", "optimizer.pt", "trainer_state.json", "rng_rank0.pt"}
+    assert files == {"weaver.safetensors", "weaver.json", "optimizer.pt", "trainer_state.json", "rng_rank0.pt",
+                     "manifest.json"}
 
 
 def test_joint_correctness_head_on_grpo_rollouts_resumes_exactly(reasoner_dir, tmp_path):
@@ -149,3 +150,27 @@ def test_two_ranks_under_the_deepspeed_runner(reasoner_dir, tmp_path):
     assert "world 2" in proc.stdout
     ckpt = out / "checkpoints" / "step_2"
     assert {"rng_rank0.pt", "rng_rank1.pt", "weaver.safetensors"} <= {p.name for p in ckpt.iterdir()}
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "latest-missing"])
+def test_a_damaged_checkpoint_stops_the_resume_naming_the_file(reasoner_dir, tmp_path, how):
+    """The post-training checkpoints carry the same manifest as pretraining's, checked on resume."""
+    from pretrain.checkpoint import CheckpointError
+
+    run(config(reasoner_dir, tmp_path / "r", **{"train.max_steps": 2, "train.save_every": 1}))
+    ckpt = tmp_path / "r" / "checkpoints" / "step_2"
+    victim = ckpt / "weaver.safetensors"
+    if how == "flipped":
+        data = bytearray(victim.read_bytes())
+        data[-10] ^= 0x04
+        victim.write_bytes(bytes(data))
+    elif how == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-10])
+    else:
+        import shutil
+        shutil.rmtree(ckpt)
+        victim = ckpt
+    with pytest.raises(CheckpointError) as err:
+        run(config(reasoner_dir, tmp_path / "r", **{"train.max_steps": 3, "train.save_every": 1,
+                                                    "train.resume": "auto"}))
+    assert str(victim) in str(err.value) and "step_1" in str(err.value)

@@ -27,13 +27,20 @@ def reference_overrides(corpus, out, zero_stage):
 def runs(corpus, tmp_path_factory):
     """One single-process run and a 2-rank run per ZeRO stage, same global batch and data."""
     root = tmp_path_factory.mktemp("runs")
+    shm_before = set(os.listdir("/dev/shm"))
     run_in_process(reference_overrides(corpus, root / "single", 2))
     spec = root / "runs.json"
     spec.write_text(json.dumps([reference_overrides(corpus, root / f"zero{z}", z) for z in range(4)]))
     cmd = deepspeed_cmd(2) + ["tests/helpers/multi_run.py", "--config", "configs/smoke.yaml", "--runs", str(spec)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (root / "shm_left.json").write_text(json.dumps(sorted(set(os.listdir("/dev/shm")) - shm_before)))
     return root
+
+
+def test_runs_leave_no_shared_memory_behind(runs):
+    """DeepSpeed's CPU all-reduce segments (about 66 MiB per rank) are gone once the runs end."""
+    assert json.loads((runs / "shm_left.json").read_text()) == []
 
 
 def test_zero_stages_give_the_losses_of_a_single_process(runs):
@@ -71,6 +78,37 @@ def test_sigkill_then_resume_is_bit_identical(runs, corpus, tmp_path):
     final = checkpoint_weights(out / "checkpoints" / f"global_step{STEPS}")
     reference = checkpoint_weights(runs / "zero2" / "checkpoints" / f"global_step{STEPS}")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+    assert_same_rng(out / "checkpoints" / f"global_step{STEPS}", runs / "zero2" / "checkpoints" / f"global_step{STEPS}")
+
+
+def test_sigkill_during_a_save_then_resume_is_bit_identical(runs, corpus, tmp_path):
+    """Killed after the shards of the last save were written but before it was committed: `latest`
+    still names the step-3 checkpoint; the resumed run redoes steps 4-6 and saves what an
+    uninterrupted run saves, RNG states included."""
+    out = tmp_path / "killed_in_save"
+    overrides = reference_overrides(corpus, out, 2)
+    killed = launch(2, overrides + [f"fault.kill_in_save_at_step={STEPS}"], check=False)
+    assert killed.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{SAVE_AT}"
+    assert not (out / "checkpoints" / f"global_step{STEPS}" / "trainer_state.json").exists()
+    launch(2, overrides)
+    ckpt, reference = out / "checkpoints" / f"global_step{STEPS}", runs / "zero2" / "checkpoints" / f"global_step{STEPS}"
+    final, expected = checkpoint_weights(ckpt), checkpoint_weights(reference)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert_same_rng(ckpt, reference)
+
+
+def assert_same_rng(ckpt, reference):
+    """Every rank's saved Python, NumPy and torch generator states are equal."""
+    import numpy as np
+
+    for rank in range(2):
+        got = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False)
+        want = torch.load(reference / f"rng_rank{rank}.pt", weights_only=False)
+        assert got["python"] == want["python"], rank
+        assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+                   for a, b in zip(got["numpy"], want["numpy"])), rank
+        assert torch.equal(got["torch"], want["torch"]), rank
 
 
 def _resume_from(src, dst, step):
@@ -143,3 +181,25 @@ def test_the_literal_deepspeed_command(corpus, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(step_losses(tmp_path / "literal")) == [1, 2]
+
+
+def test_a_damaged_shard_of_rank_1_is_reported_once_by_name(runs, corpus, tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(runs / "zero2", out)
+    victim = next((out / "checkpoints" / f"global_step{STEPS}").rglob("zero_pp_rank_1_*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:-100])
+    proc = launch(2, base_overrides(corpus, out, **{"train.max_steps": STEPS + 1, "train.zero_stage": 2,
+                                                    "train.save_every": SAVE_AT, "train.keep_last": 5}), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count(f"{victim} has") == 1, output[-3000:]  # once, by rank 0, naming the file
+    assert "Connection closed" not in output and "Traceback" not in output
+
+
+def test_a_failure_on_rank_1_is_that_ranks_error_and_ends_the_job(corpus, tmp_path):
+    proc = launch(2, base_overrides(corpus, tmp_path / "fail", **{"train.max_steps": 3, "fault.fail_at_step": 2,
+                                                                   "fault.fail_rank": 1}), check=False, timeout=240)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "error (rank 1): RuntimeError: injected failure at step 2" in output, output[-3000:]
+    assert "error (rank 0)" not in output  # rank 0 only says that a peer failed, if anything
