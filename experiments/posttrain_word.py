@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 DATA = {"train": 20000, "test": 500, "max_steps": 4}
 POST = ['augment.delimiters=["\\n"]', "train.max_new_tokens=48", "launch.gpus_per_node=1", "train.log_every=10"]
-STEPS = {"reasoner": None, "sft": 300, "trigger": 60, "grpo": 60}  # None: the reasoner config's own
+STEPS = {"reasoner": None, "sft": 1200, "trigger": 60, "grpo": 60}  # None: the reasoner config's own; SFT: 300 left
+# the inserted latents harmful (experiments/results/posttrain_word_sft300.json); at 1200 they help
 QUICK_STEPS = {"reasoner": 150, "sft": 60, "trigger": 20, "grpo": 10}
 DRAFT_SHORT = 8  # tokens: about the first solution line ("4 + 3 = 7 .")
 
@@ -174,6 +175,8 @@ def main(argv=None):
             str(grpo / "head"), "--data", str(files["gsm_test"]), "--limit", str(args.limit), "--max-new-tokens", "48",
             "--delimiters", json.dumps(["\n"]), "--output", str(table_dir)], log)
     table = json.loads((table_dir / "results.json").read_text())["table"]
+    from posttrain.evaluate import bootstrap_interval, format_table
+
     print("== 9. Correctness-LTPO's cost: the draft the head reads", flush=True)
     cost = []
     for name, (folder, draft) in heads.items():
@@ -184,13 +187,16 @@ def main(argv=None):
                 str(files["gsm_test"]), "--limit", str(args.limit), "--max-new-tokens", "48",
                 "--delimiters", json.dumps(["\n"]), "--output", str(out)], log)
         row = json.loads((out / "results.json").read_text())["table"][0]
+        base = [r["correct"] for r in json.loads((table_dir / "outputs.json").read_text())["vanilla"]]
+        mine = [r["correct"] for r in json.loads((out / "outputs.json").read_text())["correctness_ltpo"]]
+        row.update(vs_vanilla=(sum(mine) - sum(base)) / len(mine),
+                   vs_vanilla_ci95=list(bootstrap_interval(mine, baseline=base)))
         cost.append({**row, "setting": f"Correctness-LTPO, draft: {name} "
                                         f"({'whole answer' if draft is None else f'{draft} tokens'})",
                      "draft_tokens": draft})
     args.results.write_text(json.dumps({"quick": args.quick, "data": DATA, "steps": steps, "limit": args.limit,
                                         "head_problems": args.head_problems, "table": table, "draft_cost": cost,
                                         "heads": head_quality}, indent=1))
-    from posttrain.evaluate import format_table
 
     print(format_table(table))
     print(format_table(cost))

@@ -144,11 +144,15 @@ class Evaluator:
                 for text, p, s, ins in zip(texts, problems, steps, gen.insertions)]
 
 
-def bootstrap_interval(correct: list, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple:
-    """Percentile bootstrap interval of the accuracy, resampling problems with replacement."""
+def bootstrap_interval(correct: list, level: float = 0.95, resamples: int = 2000, seed: int = 0,
+                       baseline: list | None = None) -> tuple:
+    """Percentile bootstrap interval of the accuracy, resampling problems with replacement; with
+    `baseline` (the same problems' results of another row), of the paired difference correct - baseline."""
     if not correct:
         return (0.0, 0.0)
     values = torch.tensor([float(c) for c in correct])
+    if baseline is not None:
+        values = values - torch.tensor([float(c) for c in baseline])
     idx = torch.randint(len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
     means = values[idx].mean(1)
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2])).tolist()
@@ -171,15 +175,24 @@ def evaluate(evaluator: Evaluator, problems, rows: list[Row], batch: int = 8, pr
                       "avg_ltpo_steps": sum(r["ltpo_steps"] for r in results) / n,
                       "seconds_per_problem": seconds / n})
         outputs[row.key] = [{"prompt": p.prompt, **r} for p, r in zip(problems, results)]
+        if "vanilla" in outputs:  # the gain over the plain reasoner on the same problems
+            base = [r["correct"] for r in outputs["vanilla"]]
+            table[-1]["vs_vanilla"] = (sum(correct) - sum(base)) / n
+            table[-1]["vs_vanilla_ci95"] = list(bootstrap_interval(correct, baseline=base))
     return table, outputs
 
 
 def format_table(table) -> str:
-    lines = ["| setting | correct | accuracy [95% CI] | mean insertions | mean LTPO steps | s / problem |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['correct']} / {r['total']} | {r['accuracy']:.1%} "
-              f"[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] | {r['avg_insertions']:.2f} | {r['avg_ltpo_steps']:.1f} | "
-              f"{r['seconds_per_problem']:.3f} |" for r in table]
+    """Markdown; the paired gain over vanilla (same problems) where the table has a vanilla row."""
+    paired = any("vs_vanilla" in r for r in table)
+    lines = ["| setting | correct | accuracy [95% CI] |" + (" vs vanilla, paired [95% CI] |" if paired else "")
+             + " mean insertions | mean LTPO steps | s / problem |", "|---|---|---|" + "---|" * paired + "---|---|---|"]
+    for r in table:
+        gain = (f" {100 * r['vs_vanilla']:+.1f} pt [{100 * r['vs_vanilla_ci95'][0]:+.1f}, "
+                f"{100 * r['vs_vanilla_ci95'][1]:+.1f}] |" if "vs_vanilla" in r else " |" if paired else "")
+        lines.append(f"| {r['setting']} | {r['correct']} / {r['total']} | {r['accuracy']:.1%} "
+                     f"[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] |{gain} {r['avg_insertions']:.2f} | "
+                     f"{r['avg_ltpo_steps']:.1f} | {r['seconds_per_problem']:.3f} |")
     return "\n".join(lines)
 
 

@@ -112,3 +112,10 @@ def test_bootstrap_interval_on_known_cases():
     assert lo == pytest.approx(0.451, abs=0.008) and hi == pytest.approx(0.549, abs=0.008)
     lo, hi = bootstrap_interval([True] * 30 + [False] * 70, level=0.5)
     assert lo < 0.3 < hi and hi - lo == pytest.approx(2 * 0.674 * (0.21 / 100) ** 0.5, abs=0.02)
+    # paired: 40 problems gained, 10 lost of 400 -> mean difference 0.075, sd of the differences
+    # sqrt(50/400 - 0.075^2) = 0.346, so 0.075 +- 1.96 * 0.346 / 20 = [0.041, 0.109]
+    base = [False] * 40 + [True] * 10 + [True] * 100 + [False] * 250
+    new = [True] * 40 + [False] * 10 + [True] * 100 + [False] * 250
+    lo, hi = bootstrap_interval(new, baseline=base)
+    assert lo == pytest.approx(0.041, abs=0.008) and hi == pytest.approx(0.109, abs=0.008)
+    assert bootstrap_interval(base, baseline=base) == (0.0, 0.0)
