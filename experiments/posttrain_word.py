@@ -154,7 +154,7 @@ def main(argv=None):
             sh([sys.executable, "-m", "posttrain.head", "--reasoner", str(reasoner), "--weaver", str(grpo),
                 "--data", str(files["gsm_train"]), "--problems", str(args.head_problems), "--samples", "2",
                 "--max-new-tokens", "48", "--delimiters", json.dumps(["\n"]), "--output", str(folder),
-                *(["--draft-tokens", str(draft)] if draft is not None else [])], log)
+                "--draft-tokens", "all" if draft is None else str(draft)], log)
     head = heads["full"][0]
     print("== 7. heads on held-out completions", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)

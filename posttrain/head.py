@@ -26,6 +26,9 @@ from .trigger import FixedTrigger
 from .weaver import load_weaver
 
 
+DEFAULT_DRAFT = 8  # measured: the accuracy of a whole-answer draft at 0.38x its cost (README)
+
+
 def collect(reasoner, weaver, tok, problems, augment, trigger, delims, max_new_tokens, samples=1, batch=16,
             pattern=r"####\s*([^\n]+)", progress=True, draft_tokens=None):
     """(hidden, token_stats, label, problem index) for each completion; the label is the whole
@@ -68,9 +71,10 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=2, help="completions per problem (1 greedy + sampled)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--draft-tokens", type=int, default=None,
-                   help="the head reads only the first N completion tokens (0: prompt + latents only) and still "
-                        "predicts the whole completion's correctness: a cheaper Correctness-LTPO reward")
+    p.add_argument("--draft-tokens", type=lambda v: None if v == "all" else int(v), default=DEFAULT_DRAFT,
+                   help="the head reads only the first N completion tokens (0: prompt + latents only; 'all': the "
+                        "whole completion) and still predicts the whole completion's correctness; Correctness-LTPO "
+                        f"then decodes only N tokens per step (default {DEFAULT_DRAFT}: README, Correctness-LTPO's cost)")
     p.add_argument("--max-insertions", type=int, default=5)
     p.add_argument("--delimiters", default=None, help='JSON list of delimiter strings (default [",", ".", "\\n"])')
     p.add_argument("--output", required=True)

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from looplm import preset_config
 from pretrain import checkpoint
 from pretrain.config import load_config
@@ -26,9 +28,11 @@ def test_an_interrupted_save_is_never_resumed_from(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("global_step200")
     _ckpt(tmp_path, 300, complete=False)  # killed while writing: no trainer state, latest not moved
     assert checkpoint.find_resume(tmp_path) == good
-    (tmp_path / "checkpoints" / "latest").write_text("global_step300")  # even if latest had moved
-    assert checkpoint.find_resume(tmp_path) == good
-    (tmp_path / "checkpoints" / "latest").unlink()
+    (tmp_path / "checkpoints" / "latest").write_text("global_step300")  # latest naming it: stop, never fall back
+    with pytest.raises(checkpoint.CheckpointError, match="global_step300, which is incomplete") as err:
+        checkpoint.find_resume(tmp_path)
+    assert str(good) in str(err.value)  # the complete ones are offered
+    (tmp_path / "checkpoints" / "latest").unlink()  # no latest at all: the highest complete one (with a note)
     assert checkpoint.find_resume(tmp_path) == good
 
 
