@@ -4,7 +4,7 @@ and the `data.verify: sample` default on a large data set, extrapolated from the
     python benchmarks/data_verify.py [--gib 1] [--repeats 3]
 
 Writes a random token file of --gib GiB (uint16) with its index, then times, in alternation:
-`verify_blocks` over every block (BLAKE2b, what `data.verify: full` does at start), the whole-file
+`verify_blocks` over every block (SHA-256, what `data.verify: full` does at start), the whole-file
 SHA-256 of `pretrain.data inspect --verify`, and the sampled default's block choice. The file is in
 the page cache (just written); from a cold disk the read speed of the storage bounds both.
 """
@@ -54,7 +54,7 @@ def main():
     print(f"{gib:.2f} GiB in {len(every)} blocks of {BLOCK_BYTES >> 20} MiB, {args.repeats} alternating repeats")
     print("| check | s / GiB (min) | s / GiB (median) |")
     print("|---|---|---|")
-    print(f"| block checksums (BLAKE2b), data.verify: full | {min(blocks):.2f} | {per_gib:.2f} |")
+    print(f"| block checksums (SHA-256 per 64 MiB block), data.verify: full | {min(blocks):.2f} | {per_gib:.2f} |")
     print(f"| whole-file SHA-256 + offsets (inspect --verify) | {min(sha):.2f} | {statistics.median(sha):.2f} |")
     print(f"data.verify: sample (default {defaults.verify_blocks} blocks = {sample_gib:.2f} GiB per file) on a "
           f"{args.large_gib:.0f} GiB data set: about {sample_gib * per_gib:.1f} s; data.verify: full on it: about "

@@ -1,7 +1,7 @@
 """Checkpoints: DeepSpeed's sharded files plus the trainer state, committed atomically.
 
 Layout of `output_dir/checkpoints/`: one `global_stepN/` per save (DeepSpeed's shards, `rng_rank{r}.pt`
-per rank, `manifest.json` listing every file with its size and BLAKE2b digest, and
+per rank, `manifest.json` listing every file with its size and SHA-256 digest, and
 `trainer_state.json` written by rank 0 only after every rank finished), and `latest` naming the
 newest complete one, replaced atomically last. A save killed half-way has no trainer_state.json and
 `latest` still names the previous checkpoint, so it can never be resumed from.
@@ -131,7 +131,7 @@ def read_state(ckpt: Path) -> dict:
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
@@ -144,7 +144,7 @@ def write_manifest(ckpt: Path) -> None:
     ckpt = Path(ckpt)
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")
                    if p.is_file() and p.name not in (MANIFEST, STATE_FILE) and not p.name.endswith(".tmp"))
-    entries = shared_out(files, lambda f: {"bytes": (ckpt / f).stat().st_size, "blake2b": _digest(ckpt / f)})
+    entries = shared_out(files, lambda f: {"bytes": (ckpt / f).stat().st_size, "sha256": _digest(ckpt / f)})
     if is_rank0():
         _write_atomic(ckpt / MANIFEST, json.dumps({"files": dict(sorted(entries.items()))}, indent=1))
 
@@ -172,7 +172,7 @@ def verify(ckpt: Path) -> None:
             return "is missing"
         if f.stat().st_size != want["bytes"]:
             return f"has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or replaced)"
-        return None if _digest(f) == want["blake2b"] else "does not match its checksum (corrupted)"
+        return None if _digest(f) == want["sha256"] else "does not match its checksum (corrupted)"
 
     problems = {k: v for k, v in shared_out(sorted(files), problem).items() if v}
     if problems:

@@ -3,7 +3,7 @@
 `PREFIX.bin`: the token ids of all documents back to back, in the smallest unsigned dtype that holds
 the vocabulary. `PREFIX.idx`: the magic `LOOPIDX1`, a little-endian uint64 header length, a JSON
 header (dtype, vocab_size, tokenizer identity, num_docs, num_tokens, empty_documents, sha256 of the
-.bin and of the offsets, and since version 2 a BLAKE2b digest of every `block_bytes` block of the
+.bin and of the offsets, and since version 2 a SHA-256 digest of every `block_bytes` block of the
 .bin: `bin_blocks`), then num_docs + 1 int64 document offsets (in tokens).
 
 Writers write `*.tmp` files and rename them into place, the .idx last: an .idx exists only for a
@@ -29,7 +29,7 @@ BLOCK_BYTES = 64 << 20  # the unit of verification: 64 MiB of .bin
 
 
 def block_digest(data) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -55,7 +55,7 @@ class IndexedWriter:
 
     def __init__(self, prefix: str | Path, vocab_size: int, tokenizer: dict, block_bytes: int = BLOCK_BYTES):
         self.bin_path, self.idx_path = paths(prefix)
-        self.block_bytes, self._blocks, self._block = block_bytes, [], hashlib.blake2b(digest_size=16)
+        self.block_bytes, self._blocks, self._block = block_bytes, [], hashlib.sha256()
         self._block_fill = 0
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self.vocab_size, self.tokenizer, self.dtype = vocab_size, tokenizer, token_dtype(vocab_size)
@@ -92,7 +92,7 @@ class IndexedWriter:
             view = view[take:]
             if self._block_fill == self.block_bytes:
                 self._blocks.append(self._block.hexdigest())
-                self._block, self._block_fill = hashlib.blake2b(digest_size=16), 0
+                self._block, self._block_fill = hashlib.sha256(), 0
         self.num_docs += 1
         self.num_tokens += arr.size
         self._write_offset(self.num_tokens)

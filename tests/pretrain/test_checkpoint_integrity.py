@@ -1,4 +1,4 @@
-"""Checkpoints are verified before they are loaded: a manifest of every file (size + BLAKE2b), checked
+"""Checkpoints are verified before they are loaded: a manifest of every file (size + SHA-256), checked
 on resume and export; a damaged checkpoint or a `latest` naming a missing one stops with an error
 that names the file and the complete checkpoints to use instead, and changes nothing on disk."""
 
@@ -43,7 +43,7 @@ def test_the_manifest_lists_every_file_with_its_digest(saved):
     assert set(files) == on_disk and any("optim_states" in f for f in files) and "rng_rank0.pt" in files
     for name, entry in files.items():
         data = (ckpt / name).read_bytes()
-        assert entry == {"bytes": len(data), "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _flip(path):
