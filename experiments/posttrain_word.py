@@ -35,7 +35,7 @@ DATA = {"train": 20000, "test": 500, "max_steps": 4}
 POST = ['augment.delimiters=["\\n"]', "train.max_new_tokens=48", "launch.gpus_per_node=1", "train.log_every=10"]
 STEPS = {"reasoner": None, "sft": 1200, "trigger": 60, "grpo": 60}  # None: the reasoner config's own; SFT: 300 left
 # the inserted latents harmful (experiments/results/posttrain_word_sft300.json); at 1200 they help
-QUICK_STEPS = {"reasoner": 150, "sft": 60, "trigger": 20, "grpo": 10}
+QUICK_STEPS = {"reasoner": 500, "sft": 150, "trigger": 20, "grpo": 10}  # 150 reasoner steps: 0% held-out
 DRAFT_SHORT = 8  # tokens: about the first solution line ("4 + 3 = 7 .")
 
 
