@@ -4,12 +4,14 @@ policy-gradient loss with an optional KL penalty to a reference policy."""
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
     """(r - mean of its group) / (std of its group + eps); rewards (N,) in groups of `group_size`
-    consecutive entries; std with Bessel's correction, as TRL computes it."""
+    consecutive entries; std with Bessel's correction, as TRL computes it. scale=False keeps the
+    reward's units (r - group mean): where a small shaping term (a cost per action) is all that
+    differs within most groups, dividing by the std would blow it up to the size of a correct answer."""
     groups = rewards.view(-1, group_size).float()
-    adv = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
-    return adv.flatten()
+    adv = groups - groups.mean(1, keepdim=True)
+    return (adv / (groups.std(1, keepdim=True) + eps) if scale else adv).flatten()
 
 
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

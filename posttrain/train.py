@@ -147,7 +147,7 @@ def trigger_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
                                              system.cfg.data.answer_pattern))
                             - system.cfg.trigger.insertion_cost * len(gen.insertions[i])
                             for i, toks in enumerate(gen.tokens)])
-    adv = group_advantages(rewards, t.group_size)
+    adv = group_advantages(rewards, t.group_size, scale=False)  # the cost stays small next to a correct answer
     terms = [adv[i] * torch.stack(lp).sum() for i, lp in enumerate(gen.trigger_log_probs) if lp]
     stats["reward"] = rewards.mean().item()
     stats["insertions"] = sum(len(i) for i in gen.insertions) / len(gen.insertions)

@@ -174,3 +174,13 @@ def test_a_damaged_checkpoint_stops_the_resume_naming_the_file(reasoner_dir, tmp
         run(config(reasoner_dir, tmp_path / "r", **{"train.max_steps": 3, "train.save_every": 1,
                                                     "train.resume": "auto"}))
     assert str(victim) in str(err.value) and "step_1" in str(err.value)
+
+
+def test_unscaled_group_advantages_keep_a_small_cost_small():
+    """The trigger's reward is exact match minus a cost per insertion: in a group where every answer is
+    right, the cost difference must stay a cost, not become a full-size advantage (as std scaling does)."""
+    rewards = torch.tensor([1 - 0.01 * 3, 1 - 0.01 * 1, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    unscaled = group_advantages(rewards, 4, scale=False)
+    expected = torch.cat([g - g.mean() for g in rewards.view(2, 4)])
+    torch.testing.assert_close(unscaled, expected)
+    assert unscaled[:4].abs().max() < 0.03 and group_advantages(rewards, 4)[:4].abs().max() > 1.0
