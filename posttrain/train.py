@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pretrain.checkpoint import CheckpointError, rng_state, set_rng_state, verify, write_manifest
+from pretrain.checkpoint import named_by_latest, read_state, rng_state, set_rng_state, verify, write_manifest
 from pretrain.config import ConfigError, load_config
 from pretrain.train import init_distributed, rank_errors, shutdown_distributed
 
@@ -202,16 +202,8 @@ def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int, hea
 
 def find_checkpoint(out: Path) -> Path | None:
     """The checkpoint `latest` names; one that is missing or incomplete is an error, not a fresh start."""
-    latest = out / "checkpoints" / "latest"
-    if not latest.exists():
-        return None
-    ckpt = out / "checkpoints" / latest.read_text().strip()
-    if not (ckpt / "trainer_state.json").exists():
-        others = sorted(str(p) for p in ckpt.parent.glob("step_*") if (p / "trainer_state.json").exists())
-        raise CheckpointError(f"{latest} names {ckpt}, which is {'incomplete' if ckpt.is_dir() else 'missing'}; "
-                              + (f"resume another with train.resume=PATH: {', '.join(others)}" if others else
-                                 "no other complete checkpoint exists: start again with train.resume=none"))
-    return ckpt
+    root = out / "checkpoints"
+    return named_by_latest(root) if (root / "latest").exists() else None
 
 
 def run(cfg: PostConfig) -> System:
@@ -234,11 +226,7 @@ def run(cfg: PostConfig) -> System:
     ckpt = find_checkpoint(out) if t.resume == "auto" else (Path(t.resume) if t.resume != "none" else None)
     if ckpt is not None:
         verify(ckpt)
-        try:
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{ckpt / 'trainer_state.json'} cannot be read ({err}); checkpoint {ckpt} is "
-                                  "damaged: resume another one with train.resume=PATH") from err
+        state = read_state(ckpt)
         if state["reasoner"] != cfg.reasoner.path:
             raise ReasonerError(f"checkpoint {ckpt} was trained with reasoner {state['reasoner']}, not "
                                 f"{cfg.reasoner.path}; point reasoner.path at it or start a new output_dir")

@@ -105,13 +105,8 @@ def find_resume(output_dir) -> Path | None:
     error (never a silent fall-back to an older one); without `latest` (a run killed during its first
     save), the highest complete global_stepN, with a note."""
     root = checkpoint_root(output_dir)
-    latest = root / "latest"
-    if latest.exists():
-        ckpt = root / latest.read_text().strip()
-        if not is_complete(ckpt):
-            raise CheckpointError(f"{latest} names {ckpt}, which is {'incomplete' if ckpt.is_dir() else 'missing'}; "
-                                  f"{_alternatives(ckpt)}")
-        return ckpt
+    if (root / "latest").exists():
+        return named_by_latest(root)
     complete = [p for p in root.glob("global_step*") if p.is_dir() and is_complete(p) and _step(p) >= 0]
     if not complete:
         return None
@@ -119,6 +114,17 @@ def find_resume(output_dir) -> Path | None:
     print(f"note: {root} has no `latest`; resuming from the highest complete checkpoint {found}", file=sys.stderr,
           flush=True)
     return found
+
+
+def named_by_latest(root: Path) -> Path:
+    """The checkpoint `root/latest` names (pretraining or post-training); a missing or incomplete one
+    is an error that lists the complete checkpoints to resume instead."""
+    latest = Path(root) / "latest"
+    ckpt = latest.parent / latest.read_text().strip()
+    if not is_complete(ckpt):
+        raise CheckpointError(f"{latest} names {ckpt}, which is {'incomplete' if ckpt.is_dir() else 'missing'}; "
+                              f"{_alternatives(ckpt)}")
+    return ckpt
 
 
 def read_state(ckpt: Path) -> dict:
