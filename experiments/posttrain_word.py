@@ -69,7 +69,7 @@ def head_report(reasoner_dir, weaver_dir, heads: dict, test_file: Path, limit: i
     import torch
 
     from posttrain.augment import AugmentConfig, delimiter_ids
-    from posttrain.correctness import load_head
+    from posttrain.correctness import auroc, load_head
     from posttrain.data import load_problems
     from posttrain.head import collect, evaluate_head
     from posttrain.reasoner import hidden_size, load_reasoner, load_tokenizer
@@ -97,6 +97,11 @@ def head_report(reasoner_dir, weaver_dir, heads: dict, test_file: Path, limit: i
         xs = [float(probs[bins == b].mean()) for b in range(10) if (bins == b).any()]
         ys = [float(labels[bins == b].mean()) for b in range(10) if (bins == b).any()]
         plt.plot(xs, ys, "o-", label=f"{name} (AUROC {report[name]['auroc']:.2f}, ECE {report[name]['ece']:.2f})")
+    if None in inputs:  # the untrained baseline Gnosis is measured against: the completion's mean token log-prob
+        rows = inputs[None]
+        report["baseline: mean token log-prob (untrained)"] = {
+            "auroc": auroc([float(r[1][:, 1].mean()) for r in rows], [r[2] for r in rows]), "ece": None,
+            "n": len(rows), "positive_rate": sum(r[2] for r in rows) / len(rows)}
     plt.xlabel("predicted P(correct)")
     plt.ylabel("fraction correct")
     plt.title("correctness heads, held-out completions")
@@ -113,13 +118,13 @@ def main(argv=None):
     p.add_argument("--root", type=Path, default=None, help="run folder (default runs/word or runs/word_quick)")
     p.add_argument("--limit", type=int, default=None, help="held-out problems in the table (default 300, quick 60)")
     p.add_argument("--head-problems", type=int, default=None,
-                   help="training problems the heads learn from (default 600, quick 120)")
+                   help="training problems the heads learn from (default 1500, quick 120)")
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args(argv)
     suffix = "_quick" if args.quick else ""
     steps = QUICK_STEPS if args.quick else STEPS
     args.limit = args.limit or (60 if args.quick else 300)
-    args.head_problems = args.head_problems or (120 if args.quick else 600)
+    args.head_problems = args.head_problems or (120 if args.quick else 1500)
     args.results = args.results or RESULTS / f"posttrain_word{suffix}.json"
     root = (args.root or REPO / "runs" / f"word{suffix}").resolve()
     log = root / "driver.log"

@@ -148,13 +148,16 @@ def calibration_error(probs, labels, bins: int = 10) -> float:
 
 
 def train_head(head: CorrectnessHead, data: list, steps: int = 200, lr: float = 1e-3, batch: int = 16,
-               seed: int = 0) -> list[float]:
-    """BCE training on (hidden, token_stats, label) triples; returns the loss per step."""
+               seed: int = 0, valid: list | None = None, eval_every: int = 50) -> list[float]:
+    """BCE training on (hidden, token_stats, label) triples; returns the loss per step. With `valid`
+    rows, the head keeps the weights of the evaluation (every `eval_every` steps) with the best
+    validation AUROC: the hidden stream has about 2k weights per hidden unit and overfits a few
+    thousand completions well before `steps` (posttrain_word: train AUROC 0.94, held-out 0.74)."""
     opt = torch.optim.AdamW(head.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    losses = []
-    head.train()
-    for _ in range(steps):
+    losses, best = [], (-1.0, None)
+    for step in range(1, steps + 1):
+        head.train()
         idx = torch.randint(len(data), (min(batch, len(data)),), generator=g).tolist()
         logits = head([data[i][0] for i in idx], [data[i][1] for i in idx])
         loss = F.binary_cross_entropy_with_logits(logits, torch.tensor([float(data[i][2]) for i in idx]))
@@ -162,5 +165,13 @@ def train_head(head: CorrectnessHead, data: list, steps: int = 200, lr: float = 
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+        if valid and (step % eval_every == 0 or step == steps):
+            head.eval()
+            with torch.no_grad():
+                score = auroc(head([r[0] for r in valid], [r[1] for r in valid]), [r[2] for r in valid])
+            if score > best[0]:
+                best = (score, {k: v.clone() for k, v in head.state_dict().items()})
+    if best[1] is not None:
+        head.load_state_dict(best[1])
     head.eval()
     return losses

@@ -165,3 +165,26 @@ def test_no_draft_reward_decodes_nothing(monkeypatch):
                     for i, p in enumerate(prompts)]
         expected = torch.sigmoid(head(*head_inputs(reasoner, *batch_splices(examples))))
     torch.testing.assert_close(got, expected)
+
+
+def test_head_training_keeps_the_weights_with_the_best_validation_auroc():
+    torch.manual_seed(0)
+    rows = [(torch.randn(int(torch.randint(3, 12, ())), 16), torch.rand(4, 3), int(torch.rand(()) < 0.4))
+            for _ in range(60)]
+    train, valid = rows[:40], rows[40:]
+
+    def valid_auroc(head):
+        with torch.no_grad():
+            return auroc(head([r[0] for r in valid], [r[1] for r in valid]), [r[2] for r in valid])
+
+    scores = []
+    for steps in (10, 20, 30):  # the same trajectory, stopped at each evaluation
+        torch.manual_seed(1)
+        head = CorrectnessHead(16)
+        train_head(head, train, steps=steps, lr=3e-3)
+        scores.append(valid_auroc(head))
+    torch.manual_seed(1)
+    selected = CorrectnessHead(16)
+    train_head(selected, train, steps=30, lr=3e-3, valid=valid, eval_every=10)
+    assert valid_auroc(selected) == max(scores)
+    assert len(set(scores)) > 1  # the evaluations differ, so the selection is exercised
