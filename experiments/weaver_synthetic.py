@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from posttrain.augment import generate
-from posttrain.config import PostConfig
+from posttrain.config import load_config
 from posttrain.data import is_correct, load_problems
 from posttrain.train import run
-from pretrain.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +50,7 @@ def main():
     started = time.time()
     sft_dir = f"{args.output}/{args.task}/sft"
     system = run(load_config(REPO / "configs/posttrain_sft.yaml", common + [
-        f"train.output_dir={sft_dir}", f"train.max_steps={args.sft_steps}", f"train.save_every={args.sft_steps}"],
-        cls=PostConfig))
+        f"train.output_dir={sft_dir}", f"train.max_steps={args.sft_steps}", f"train.save_every={args.sft_steps}"]))
     results = {}
     evals = load_problems(f"synthetic:{args.task}", 200, split="eval")
     results["vanilla"] = accuracy(system, evals, None, system.augment)
@@ -62,7 +60,7 @@ def main():
     if args.grpo_steps:
         system = run(load_config(REPO / "configs/posttrain_grpo.yaml", common + [
             f"weaver.init_from={sft_dir}/checkpoints/step_{args.sft_steps}", f"train.output_dir={args.output}/{args.task}/grpo",
-            f"train.max_steps={args.grpo_steps}", f"train.save_every={args.grpo_steps}"], cls=PostConfig))
+            f"train.max_steps={args.grpo_steps}", f"train.save_every={args.grpo_steps}"]))
         results["+weaver after GRPO (prompt + inference augmentation)"] = accuracy(system, evals, system.weaver,
                                                                                   system.augment)
     print(f"\ntask {args.task}: held-out exact match ({len(evals)} problems), reasoner {args.reasoner}, "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 "true" '''\'
-# looplm launcher: one file, two roles (launch/posttrain.sh is a link to it and runs posttrain.train).
+# looplm launcher: one file, two roles; launch/<name>.sh runs the entry point registered as <name> in
+# runtime/launch.py (launch/posttrain.sh is a link to this file and runs posttrain.train).
 #
 #  * As a shell script on a head node:  bash launch/pretrain.sh CONFIG [section.key=value ...]
 #    builds the deepspeed command from the config's `launch:` section and the environment
@@ -20,8 +21,9 @@ fi
 config="$1"; shift
 python="${PYTHON:-$( [ -x "$repo/.venv/bin/python" ] && echo "$repo/.venv/bin/python" || echo python3 )}"
 script="launch/$(basename "$0")"
+name="$(basename "$0" .sh)"  # a launcher registered in runtime/launch.py (LAUNCHERS)
 # The config is checked here, before any rank starts: an error stops the launcher with its message.
-flags="$(cd "$repo" && "$python" -m pretrain.launch_flags --script "$script" "$config" "$@")" || exit $?
+flags="$(cd "$repo" && "$python" -m runtime.launch flags "$name" "$config" "$@")" || exit $?
 mapfile -t runner_flags <<< "$flags"
 deepspeed="$(dirname "$python")/deepspeed"
 [ -x "$deepspeed" ] || deepspeed=deepspeed
@@ -52,5 +54,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-entry = {"pretrain.sh": "pretrain.train", "posttrain.sh": "posttrain.train"}[os.path.basename(__file__)]
-importlib.import_module(entry).main(sys.argv[1:])
+from runtime.launch import LAUNCHERS  # noqa: E402
+
+importlib.import_module(LAUNCHERS[os.path.basename(__file__)[:-3]][0]).main(sys.argv[1:])

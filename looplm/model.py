@@ -208,7 +208,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 output_attentions=None, return_dict=None, logits_to_keep=0, output_step_logits=False,
                 num_steps=None, exit_at_step=None, exit_threshold=None, exit_hidden_diff=None,
-                use_weighted_exit=False, exit_steps=None, exit_skip=True, objective=None,
+                use_weighted_exit=False, exit_steps=None, exit_skip=True, objective=None, entropy_beta=None,
                 num_items_in_batch=None, compute_logits=None, cache_position=None, cache=None) -> LoopLMOutput:
         """Forward with per-pass outputs.
 
@@ -216,7 +216,8 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         config (early_exit_step, early_exit_hidden_diff, early_exit_threshold). num_steps: passes to run.
         labels: (B, S) token ids, shifted inside, -100 ignored; the loss is `objective` (config default):
         "stage1" = sum_t p_t CE_t - beta H(p) averaged over targets (or divided by num_items_in_batch),
-        "stage2" = the gate-only BCE objective (no gradient reaches the LM).
+        "stage2" = the gate-only BCE objective (no gradient reaches the LM). entropy_beta: beta of stage I
+        (config default); a trainer passes both each step rather than writing them into the config.
         compute_logits: default False when training with labels (the loss never needs them).
         cache: a LoopCache (`past_key_values` is the same argument under the name transformers < 5.24 uses).
         cache_position: ignored; early 5.x releases' generate() passes it, the cache knows its own length.
@@ -236,7 +237,8 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
 
         loss = step_losses = None
         if labels is not None:
-            loss, step_losses = self._loss(hiddens, gate_logits, labels, objective or self.config.objective,
+            beta = self.config.entropy_beta if entropy_beta is None else entropy_beta
+            loss, step_losses = self._loss(hiddens, gate_logits, labels, objective or self.config.objective, beta,
                                            num_items_in_batch)
 
         logits = None
@@ -257,13 +259,13 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             hidden_states=hiddens if output_hidden_states else None,
         )
 
-    def _loss(self, hiddens, gate_logits, labels, objective, num_items_in_batch):
+    def _loss(self, hiddens, gate_logits, labels, objective, entropy_beta, num_items_in_batch):
         targets = shift_labels(labels)
         mask = targets != -100
         chunk = self.config.ce_chunk_size
         if objective == "stage1":
             step_ce = torch.stack([token_cross_entropy(h, self.lm_head.weight, targets, chunk) for h in hiddens], -1)
-            loss = stage1_loss(step_ce, gate_logits, mask, self.config.entropy_beta, num_items_in_batch)
+            loss = stage1_loss(step_ce, gate_logits, mask, entropy_beta, num_items_in_batch)
         elif objective == "stage2":
             # The LM is frozen in stage II: per-pass CE without graph, the gate re-read on detached states.
             with torch.no_grad():

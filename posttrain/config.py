@@ -1,8 +1,10 @@
 """Post-training run config (YAML + `section.key=value` overrides, as for pretraining)."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from pretrain.config import ConfigError, LaunchConfig
+from runtime import config as _config
+from runtime.config import ConfigError, LaunchConfig
 
 
 @dataclass
@@ -91,3 +93,8 @@ class PostConfig:
             raise ConfigError("config key train.joint_head trains the head on GRPO rollouts: set train.mode=grpo")
         if self.weaver.num_latents < 1 or self.augment.max_insertions < 0:
             raise ConfigError("config keys weaver.num_latents (>= 1) and augment.max_insertions (>= 0)")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> PostConfig:
+    """A post-training config from YAML + `section.key=value` overrides, validated."""
+    return _config.load_config(path, overrides, PostConfig)

@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from pretrain.data.errors import DataError, cli_main
+from pretrain.data.errors import DataError
+from runtime.cli import cli_main
 
 from .augment import AugmentConfig, delimiter_ids, generate
 from .correctness import completion_inputs, load_head

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pretrain.data.errors import DataError, cli_main
+from pretrain.data.errors import DataError
+from runtime.cli import cli_main
 
 from .augment import AugmentConfig, delimiter_ids, generate
 from .correctness import CorrectnessHead, auroc, calibration_error, completion_inputs, train_head

@@ -10,9 +10,6 @@ trainer_state.json; `latest` moves last. `train.resume=auto` continues exactly.
 import argparse
 import copy
 import json
-import os
-import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -20,12 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pretrain.checkpoint import named_by_latest, read_state, rng_state, set_rng_state, verify, write_manifest
-from pretrain.config import ConfigError, load_config
-from pretrain.train import init_distributed, rank_errors, shutdown_distributed
+from runtime import checkpoint
+from runtime.config import ConfigError
+from runtime.distributed import init_distributed, rank_errors, shutdown_distributed
 
 from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice, token_log_probs
-from .config import PostConfig
+from .config import PostConfig, load_config
 from .correctness import CorrectnessHead, auroc, head_inputs, load_head
 from .data import ProblemError, is_correct, load_problems
 from .grpo import group_advantages, grpo_loss
@@ -167,15 +164,14 @@ def evaluate(system: System, problems, batch: int = 16) -> float:
     return correct / max(len(problems), 1)
 
 
-def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int, head_optimizer=None):
+def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int, head_optimizer=None) -> Path:
     """Collective. Rank 0 writes the trainable modules and optimizer state (identical on every rank:
-    ZeRO-0 data parallelism), every rank its RNG state; `latest` moves last."""
-    rank = dist.get_rank()
-    root = out / "checkpoints"
-    ckpt = root / f"step_{step}"
-    if rank == 0:
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
+    ZeRO-0 data parallelism); the commit (RNG per rank, manifest, trainer state, `latest`) is
+    `runtime.checkpoint.save`'s, as for pretraining."""
+
+    def write(ckpt: Path):
+        if dist.get_rank() != 0:
+            return
         system.weaver.save(ckpt)
         if isinstance(system.trigger, torch.nn.Module):
             save_file({k: v.contiguous() for k, v in system.trigger.state_dict().items()}, ckpt / "trigger.safetensors")
@@ -183,27 +179,9 @@ def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int, hea
             system.head.save(ckpt / "head")
         torch.save({"optimizer": optimizer.state_dict(),
                     "head_optimizer": head_optimizer.state_dict() if head_optimizer else None}, ckpt / "optimizer.pt")
-    dist.barrier()
-    torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
-    dist.barrier()
-    write_manifest(ckpt)
-    if rank == 0:
-        (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "reasoner": system.cfg.reasoner.path,
-                                                             "world_size": dist.get_world_size()}))
-        tmp = root / "latest.tmp"
-        tmp.write_text(ckpt.name)
-        os.replace(tmp, root / "latest")
-        done = sorted((p for p in root.glob("step_*") if (p / "trainer_state.json").exists()),
-                      key=lambda p: int(p.name[5:]))
-        for old in done[:-keep_last]:
-            shutil.rmtree(old)
-    dist.barrier()
 
-
-def find_checkpoint(out: Path) -> Path | None:
-    """The checkpoint `latest` names; one that is missing or incomplete is an error, not a fresh start."""
-    root = out / "checkpoints"
-    return named_by_latest(root) if (root / "latest").exists() else None
+    return checkpoint.save(out, f"step_{step}", step, {"reasoner": system.cfg.reasoner.path,
+                                                       "world_size": dist.get_world_size()}, keep_last, write)
 
 
 def run(cfg: PostConfig) -> System:
@@ -223,10 +201,10 @@ def run(cfg: PostConfig) -> System:
     head_optimizer = torch.optim.AdamW(system.head.parameters(), lr=t.head_lr) if system.head is not None else None
     problems = load_problems(cfg.data.train, cfg.data.max_train, "train", cfg.train.seed)
     step = 0
-    ckpt = find_checkpoint(out) if t.resume == "auto" else (Path(t.resume) if t.resume != "none" else None)
+    ckpt = checkpoint.find_resume(out) if t.resume == "auto" else (Path(t.resume) if t.resume != "none" else None)
     if ckpt is not None:
-        verify(ckpt)
-        state = read_state(ckpt)
+        checkpoint.verify(ckpt)
+        state = checkpoint.read_state(ckpt)
         if state["reasoner"] != cfg.reasoner.path:
             raise ReasonerError(f"checkpoint {ckpt} was trained with reasoner {state['reasoner']}, not "
                                 f"{cfg.reasoner.path}; point reasoner.path at it or start a new output_dir")
@@ -241,7 +219,7 @@ def run(cfg: PostConfig) -> System:
         step = state["step"]
     torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # rollouts differ across ranks
     if ckpt is not None and (ckpt / f"rng_rank{rank}.pt").exists():
-        set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False))
+        checkpoint.set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False))
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config={
         "train_batch_size": t.batch_size * world, "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": 1, "gradient_clipping": t.grad_clip, "zero_optimization": {"stage": 0},
@@ -290,7 +268,7 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     with rank_errors((ConfigError, ProblemError, ReasonerError)):
-        run(load_config(args.config, args.overrides, cls=PostConfig))
+        run(load_config(args.config, args.overrides))
         shutdown_distributed()
 
 

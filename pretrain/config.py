@@ -7,18 +7,13 @@ with an optional `deepspeed:` block of extra standard DeepSpeed keys that must n
     python -m pretrain.train --config configs/smoke.yaml train.max_steps=10 optim.lr=1e-3
 """
 
-import copy
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A bad run config: the message names the key and the fix."""
+from runtime import config as _config
+from runtime.config import ConfigError, LaunchConfig
 
 
 @dataclass
@@ -96,14 +91,6 @@ class LoggingConfig:
 
 
 @dataclass
-class LaunchConfig:
-    num_nodes: int = 1
-    gpus_per_node: int | None = None  # None = all the node has
-    hostfile: str | None = None
-    master_port: int | None = None  # None: a free port on a single node, 29500 across nodes
-
-
-@dataclass
 class FaultConfig:
     """Fault injection, to test the guards: a NaN loss at these steps, SIGKILL at a step, an error on one rank."""
 
@@ -129,93 +116,18 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
-def _check_type(key: str, value, annotation):
-    """Coerce int -> float where a float is expected; raise ConfigError on a mismatch."""
-    if annotation is typing.Any:
-        return value
-    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    options = typing.get_args(annotation) if union else (annotation,)
-    for opt in options:
-        if opt is type(None) and value is None:
-            return None
-        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if opt is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if opt in (int, str, bool, list, dict) and isinstance(value, opt) and not (opt is int and isinstance(value, bool)):
-            return value
-    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
-    raise ConfigError(f"config key {key}: expected {names}, got {value!r} ({type(value).__name__})")
+    def validate(self) -> None:
+        validate(self)
 
 
-def _build(cls, values: dict, prefix: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.')} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known keys in "
-                          f"{prefix.rstrip('.') or 'the top level'}: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_type(prefix + name, value, hint)
-    return cls(**kwargs)
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """A pretraining config from YAML + `section.key=value` overrides, validated."""
+    return _config.load_config(path, overrides, RunConfig)
 
 
-def apply_override(tree: dict, override: str) -> None:
-    """Apply "a.b.c=value" (value parsed as YAML) to a nested dict."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value")
-    key, raw = override.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {override!r} has an empty key; it must look like section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err})") from err
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def config_from_dict(tree: dict, cls=None):
-    """A config from an already-parsed mapping (e.g. the one a checkpoint stored), type-checked."""
-    return _build(cls or RunConfig, tree, "")
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), cls=None):
-    """Load a YAML config into `cls` (default RunConfig), apply overrides, validate."""
-    tree = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-    tree = copy.deepcopy(tree)
-    for override in overrides:
-        apply_override(tree, override)
-    cfg = _build(cls or RunConfig, tree, "")
-    if cls is None:
-        validate(cfg)
-    elif hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+def config_from_dict(tree: dict) -> RunConfig:
+    """A pretraining config from an already-parsed mapping (e.g. the one a checkpoint stored)."""
+    return _config.config_from_dict(tree, RunConfig)
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:

@@ -28,7 +28,6 @@ def build_model(cfg: RunConfig) -> LoopLMForCausalLM:
     if cfg.ouro.objective == "stage2":  # stage II: the LM is frozen, only the exit gate trains
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("model.early_exit_gate."))
-    model.config.objective = cfg.ouro.objective
     return model
 
 

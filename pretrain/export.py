@@ -17,7 +17,7 @@ import torch
 
 from looplm import LoopLMForCausalLM
 
-from . import checkpoint
+from runtime import checkpoint
 from .config import ConfigError, config_from_dict
 from .engine import model_config
 

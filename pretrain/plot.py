@@ -8,7 +8,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .data.errors import DataError, cli_main
+from runtime.cli import cli_main
+
+from .data.errors import DataError
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -85,7 +87,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     return output
 
 
-@cli_main
+@cli_main(errors=(DataError,))
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run's train.output_dir (holds metrics.jsonl)")

@@ -5,13 +5,12 @@
 """
 
 import argparse
-import contextlib
 import math
 import os
 import signal
 import sys
 import time
-import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,11 +19,14 @@ import yaml
 
 from looplm.objectives import shift_labels
 
-from . import checkpoint
-from .config import ConfigError, load_config, validate
+from runtime import checkpoint
+from runtime.config import ConfigError
+from runtime.distributed import init_distributed, is_rank0, rank_errors, shared_out, shutdown_distributed
+
+from . import checkpoint as ds_checkpoint
+from .config import load_config, validate
 from .data import BlendedDataset, DataError, IndexedDataset, PackedDataset, RankBatchSampler, Tokenizer, build_loader, parse_blend
 from .data.synthetic import prepare_default_corpus, read_eval
-from .distributed import is_rank0, shared_out
 from .engine import build_engine, build_model, entropy_beta
 from .evaluate import task_accuracy, validation_loss
 from .metrics import LossGuard, MetricsLogger, flops_per_token
@@ -36,35 +38,6 @@ def parse_args(argv):
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed runner
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
-
-
-def init_distributed():
-    import deepspeed
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
-        release_shared_memory_names()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def release_shared_memory_names():
-    """DeepSpeed's CPU all-reduce puts one /dev/shm segment per rank (about 66 MiB) under a name made
-    of the master address and port, and never unlinks it, so every run used to leave them behind.
-    When init returns, every rank has mapped all its peers' segments; after a barrier each rank
-    unlinks its own name. The mappings stay valid and the memory goes back when the run ends, by a
-    clean exit, an error, SIGTERM or SIGKILL alike."""
-    dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def build_data(cfg, model_config, rank):
@@ -134,171 +107,281 @@ class Preemption:
         self.requested = True
 
 
-def run(cfg, rank: int, world: int):
-    """Train according to `cfg`; returns the engine (for tests and tools)."""
-    validate(cfg, world)
-    checkpoint.seed_globals(cfg.train.seed, rank)  # a resumed run restores them from its checkpoint
-    out_dir = Path(cfg.train.output_dir)
-    resume_from = None
-    if cfg.train.resume == "auto":
-        resume_from = checkpoint.find_resume(out_dir)
-    elif cfg.train.resume != "none":
-        resume_from = Path(cfg.train.resume)
-        if not checkpoint.is_complete(resume_from):
-            raise ConfigError(f"config key train.resume: {resume_from} is not a complete checkpoint "
+@dataclass
+class TrainerState:
+    """What a checkpoint carries besides DeepSpeed's files (trainer_state.json)."""
+
+    step: int = 0
+    consumed_samples: int = 0  # sequences drawn from the training set: where the sampler resumes
+    tokens_seen: int = 0  # target tokens trained on
+    guard: dict = field(default_factory=dict)  # LossGuard state
+
+    @classmethod
+    def read(cls, saved: dict) -> "TrainerState":
+        return cls(saved.get("step", 0), saved.get("consumed_samples", 0), saved.get("tokens_seen", 0),
+                   saved.get("guard", {}))
+
+
+class StepStats:
+    """Sums over one optimizer step's micro-batches, reduced over the ranks in one all-reduce: named
+    fields that are views into one float64 buffer."""
+
+    def __init__(self, passes: int, device):
+        sizes = {"ce_per_pass": passes, "exit_probs": passes, "gate_probs": passes, "loss": 1, "targets": 1,
+                 "preempt": 1}
+        self.buffer = torch.zeros(sum(sizes.values()), dtype=torch.float64, device=device)
+        offset = 0
+        for name, size in sizes.items():
+            setattr(self, name, self.buffer.narrow(0, offset, size))
+            offset += size
+
+    @torch.no_grad()
+    def add(self, out, loss, mask) -> None:
+        """One micro-batch: target-weighted per-pass CE, exit and gate probabilities, its loss."""
+        n = mask.sum()
+        self.ce_per_pass += out.step_losses.double() * n
+        self.exit_probs += (out.exit_probs * mask[..., None]).sum((0, 1)).double()
+        self.gate_probs += (out.gate_probs * mask[..., None]).sum((0, 1)).double()
+        self.loss += loss.double()
+        self.targets += n
+
+    def all_reduce(self) -> None:
+        dist.all_reduce(self.buffer)
+
+    def per_target(self, name: str) -> list[float]:
+        return (getattr(self, name) / self.targets.clamp_min(1)).tolist()
+
+
+class Hook:
+    """Called by the Trainer at fixed points; the default does nothing. Tests inject faults through it."""
+
+    def before_micro_batch(self, trainer: "Trainer") -> None:
+        pass
+
+    def loss(self, trainer: "Trainer", loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def before_commit(self, trainer: "Trainer") -> None:
+        pass
+
+
+class FaultInjection(Hook):
+    """The `fault:` config section: SIGKILL at a step or inside a save, an error on one rank, NaN losses."""
+
+    def __init__(self, fault):
+        self.fault = fault
+
+    def before_micro_batch(self, trainer):
+        step, f = trainer.state.step + 1, self.fault
+        if f.kill_at_step == step and trainer.rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if f.fail_at_step == step and trainer.rank == f.fail_rank:
+            raise RuntimeError(f"injected failure at step {step} (fault.fail_at_step)")
+
+    def loss(self, trainer, loss):
+        return loss * float("nan") if trainer.state.step + 1 in self.fault.nan_at_steps else loss
+
+    def before_commit(self, trainer):
+        if self.fault.kill_in_save_at_step == trainer.state.step and trainer.rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Trainer:
+    """One pretraining run: build (model, data, engine; resume), then `train()`: per optimizer step
+    `train_step`, `log`, and the save / preemption / evaluation schedule."""
+
+    def __init__(self, cfg, rank: int, world: int, hooks: list[Hook] | None = None):
+        validate(cfg, world)
+        checkpoint.seed_globals(cfg.train.seed, rank)  # a resumed run restores them from its checkpoint
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.out_dir = Path(cfg.train.output_dir)
+        fault = cfg.fault
+        active = fault.nan_at_steps or any(v is not None for v in (fault.kill_at_step, fault.fail_at_step,
+                                                                   fault.kill_in_save_at_step))
+        self.hooks = (hooks or []) + ([FaultInjection(fault)] if active else [])
+        self.resume_from = self.find_resume()
+        saved = checkpoint.read_state(self.resume_from) if self.resume_from else {}
+        universal = bool(saved) and saved["world_size"] != world and cfg.train.zero_stage > 0
+
+        self.model = build_model(cfg)
+        if cfg.data.seq_len > self.model.config.max_position_embeddings:  # init_from: known once the model is read
+            err = ConfigError(f"config key data.seq_len: {cfg.data.seq_len} is longer than {cfg.model.init_from}'s "
+                              f"max_position_embeddings ({self.model.config.max_position_embeddings}); lower "
+                              "data.seq_len")
+            err.on_every_rank = True
+            raise err
+        self.train_set, self.valid_set, self.tokenizer, self.tasks = build_data(cfg, self.model.config, rank)
+        self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.model, world, load_universal=universal)
+        self.device = self.engine.device
+        if self.resume_from:
+            ds_checkpoint.load(self.engine, self.resume_from, universal)
+        self.state = TrainerState.read(saved)
+        t = cfg.train
+        self.guard = LossGuard(t.spike_factor, t.spike_window, t.max_bad_steps, **self.state.guard)
+        self.logger = MetricsLogger(self.out_dir, cfg, enabled=rank == 0)
+        sampler = RankBatchSampler(t.global_batch, t.micro_batch, rank, world, self.state.consumed_samples,
+                                   None if cfg.data.on_exhaust == "wrap" else len(self.train_set))
+        self.batches = iter(build_loader(self.train_set, sampler, cfg.data.num_workers))
+        self.accum = sampler.accumulation_steps
+        self.flops = flops_per_token(self.model.config, cfg.data.seq_len)
+        self.base_beta = self.model.config.entropy_beta
+        self.preemption = Preemption()
+        if rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            where = (f"resumed from {self.resume_from} (step {self.state.step}, {self.state.consumed_samples} "
+                     "samples)" if self.resume_from else "from scratch")
+            print(f"looplm pretrain: world {world}, ZeRO-{t.zero_stage}, "
+                  f"{sum(p.numel() for p in self.model.parameters()):,} parameters, {where}", flush=True)
+
+    def find_resume(self) -> Path | None:
+        resume = self.cfg.train.resume
+        if resume == "auto":
+            return checkpoint.find_resume(self.out_dir)
+        if resume == "none":
+            return None
+        if not checkpoint.is_complete(Path(resume)):
+            raise ConfigError(f"config key train.resume: {resume} is not a complete checkpoint "
                               f"(no {checkpoint.STATE_FILE})")
-    state = checkpoint.read_state(resume_from) if resume_from else {}
-    universal = bool(state) and state["world_size"] != world and cfg.train.zero_stage > 0
+        return Path(resume)
 
-    model = build_model(cfg)
-    if cfg.data.seq_len > model.config.max_position_embeddings:  # init_from: known once the model is read
-        err = ConfigError(f"config key data.seq_len: {cfg.data.seq_len} is longer than {cfg.model.init_from}'s "
-                          f"max_position_embeddings ({model.config.max_position_embeddings}); lower data.seq_len")
-        err.on_every_rank = True
-        raise err
-    train_set, valid_set, tokenizer, tasks = build_data(cfg, model.config, rank)
-    engine, optimizer, scheduler = build_engine(cfg, model, world, load_universal=universal)
-    device = engine.device
-    if resume_from:
-        checkpoint.load(engine, resume_from, universal)
-    step = state.get("step", 0)
-    consumed = state.get("consumed_samples", 0)
-    tokens_seen = state.get("tokens_seen", 0)
-    guard = LossGuard(cfg.train.spike_factor, cfg.train.spike_window, cfg.train.max_bad_steps,
-                      **state.get("guard", {}))
-    logger = MetricsLogger(out_dir, cfg, enabled=rank == 0)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        where = f"resumed from {resume_from} (step {step}, {consumed} samples)" if resume_from else "from scratch"
-        print(f"looplm pretrain: world {world}, ZeRO-{cfg.train.zero_stage}, "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters, {where}", flush=True)
+    def train(self):
+        """Run to train.max_steps (or exit_at_step, preemption, exhausted data); returns the engine."""
+        cfg, state = self.cfg, self.state
+        self.engine.train()
+        while state.step < cfg.train.max_steps:
+            start = time.perf_counter()
+            try:
+                micro = [next(self.batches) for _ in range(self.accum)]
+            except StopIteration:
+                if self.rank == 0:
+                    print(f"data exhausted after {state.consumed_samples} samples (data.on_exhaust=stop)", flush=True)
+                break
+            stats, bad = self.train_step(micro)
+            self.log(stats, bad, time.perf_counter() - start)
+            if stats.preempt.item() > 0:
+                self.save()
+                self._stop(f"preempted: saved checkpoint at step {state.step}; resume with train.resume=auto")
+                return self.engine
+            if state.step % cfg.train.save_every == 0 or state.step in (cfg.train.max_steps, cfg.train.exit_at_step):
+                self.save()
+            if state.step == cfg.train.exit_at_step:
+                self._stop(f"stopping at train.exit_at_step={state.step} (checkpoint saved)")
+                return self.engine
+            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step != cfg.train.max_steps:
+                self.evaluate()
+        self.evaluate()
+        self.logger.log({"step": state.step,
+                         "memory_per_rank": _memory_per_rank(self.optimizer, self.device, self.engine.module)})
+        self.logger.close()
+        return self.engine
 
-    sampler = RankBatchSampler(cfg.train.global_batch, cfg.train.micro_batch, rank, world, consumed,
-                               None if cfg.data.on_exhaust == "wrap" else len(train_set))
-    batches = iter(build_loader(train_set, sampler, cfg.data.num_workers))
-    accum = sampler.accumulation_steps
-    T = model.config.total_ut_steps
-    flops = flops_per_token(model.config, cfg.data.seq_len)
-    preempt = Preemption()
-    base_beta = model.config.entropy_beta
+    def train_step(self, micro: list[dict]) -> tuple[StepStats, str | None]:
+        """One optimizer step over `accum` micro-batches: the loss is a mean over every target token of
+        the global batch; a bad loss (LossGuard) vetoes the update. Returns the reduced statistics and
+        the reason the step was bad (None when good)."""
+        cfg, device, accum, world = self.cfg, self.device, self.accum, self.world
+        beta = entropy_beta(self.state.step, cfg, self.base_beta)
+        targets = torch.tensor(float(sum(int((shift_labels(b["labels"]) != -100).sum()) for b in micro)), device=device)
+        dist.all_reduce(targets)
+        normalizer = targets / (accum * world)  # so that DeepSpeed's /accum and rank mean give a global token mean
+        stats, bad = StepStats(self.model.config.total_ut_steps, device), None
+        for i, batch in enumerate(micro):
+            for hook in self.hooks:
+                hook.before_micro_batch(self)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = self.engine(**batch, num_items_in_batch=normalizer, objective=cfg.ouro.objective, entropy_beta=beta)
+            loss = out.loss
+            for hook in self.hooks:
+                loss = hook.loss(self, loss)
+            stats.add(out, loss, shift_labels(batch["labels"]) != -100)
+            if i == accum - 1:  # decide on the update before DeepSpeed steps the optimizer
+                stats.preempt += float(self.preemption.requested)
+                stats.all_reduce()
+                bad = self.guard.check((stats.loss / (accum * world)).item())
+                _client_optimizer(self.optimizer).skip_next_step = bad is not None
+            self.engine.backward(loss)
+            self.engine.step()
+        self.state.step += 1
+        self.state.consumed_samples += cfg.train.global_batch
+        self.state.tokens_seen += int(stats.targets.item())
+        self.beta = beta
+        return stats, bad
 
-    def save():
-        die = cfg.fault.kill_in_save_at_step == step and rank == 0
-        checkpoint.save(engine, out_dir, step, {
-            "consumed_samples": consumed, "tokens_seen": tokens_seen, "world_size": world,
-            "zero_stage": cfg.train.zero_stage, "guard": guard.state(), "config": cfg.to_dict()},
-            cfg.train.keep_last, before_commit=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if die else None)
+    def log(self, stats: StepStats, bad: str | None, seconds: float) -> None:
+        """The step's record to metrics.jsonl (every step) and the console (every log_every steps); a bad
+        step is always reported, and too many in a row abort the run."""
+        cfg, step = self.cfg, self.state.step
+        tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
+        tflops = self.flops * tokens_per_s / self.world / 1e12
+        p = stats.per_target("exit_probs")
+        loss = (stats.loss / (self.accum * self.world)).item()
+        record = {
+            "step": step, "loss": loss, "loss_per_pass": stats.per_target("ce_per_pass"), "exit_probs": p,
+            "exit_entropy": -sum(x * math.log(max(x, 1e-12)) for x in p),
+            "gate_mean": stats.per_target("gate_probs"), "grad_norm": _grad_norm(self.engine),
+            "lr": self.scheduler.get_last_lr()[0], "beta": self.beta,
+            "tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops / cfg.logging.peak_tflops,
+            "consumed_samples": self.state.consumed_samples, "tokens_seen": self.state.tokens_seen,
+            "skipped": bad is not None,
+        }
+        if bad is not None:
+            self.logger.log({**record, "skip_reason": bad}, f"step {step}: update skipped ({bad})")
+            if self.guard.bad_in_a_row >= cfg.train.max_bad_steps:
+                raise RuntimeError(f"{self.guard.bad_in_a_row} consecutive bad steps (last: {bad}); aborting. The "
+                                   f"last good checkpoint is in {checkpoint.checkpoint_root(self.out_dir)}; lower "
+                                   "optim.lr or inspect the data, then resume")
+        elif step % cfg.train.log_every == 0 or step == 1:
+            self.logger.log(record, f"step {step:6d} | loss {loss:.4f} | CE/pass [" +
+                            " ".join(f"{x:.3f}" for x in record["loss_per_pass"]) + "] | exit p [" +
+                            " ".join(f"{x:.2f}" for x in p) + f"] | lr {record['lr']:.2e} | {tokens_per_s:,.0f} tok/s"
+                            f" | MFU {record['mfu']:.1%}")
+        else:
+            self.logger.log(record)
 
-    def evaluate():
-        engine.module.eval()
+    def save(self) -> Path:
+        s, cfg = self.state, self.cfg
+        return ds_checkpoint.save(self.engine, self.out_dir, s.step, {
+            "consumed_samples": s.consumed_samples, "tokens_seen": s.tokens_seen, "world_size": self.world,
+            "zero_stage": cfg.train.zero_stage, "guard": self.guard.state(), "config": cfg.to_dict()},
+            cfg.train.keep_last, before_commit=lambda: [hook.before_commit(self) for hook in self.hooks])
+
+    def evaluate(self) -> dict:
+        """Validation CE per pass and exact-match accuracy of the eval tasks per exit pass (collective)."""
+        cfg, rank, world, step, module = self.cfg, self.rank, self.world, self.state.step, self.engine.module
+        module.eval()
         record = {"step": step}
-        if valid_set is not None:
-            vs = RankBatchSampler(cfg.train.micro_batch * world, cfg.train.micro_batch, rank, world, 0, len(valid_set))
-            it = iter(build_loader(valid_set, vs))
+        if self.valid_set is not None:
+            vs = RankBatchSampler(cfg.train.micro_batch * world, cfg.train.micro_batch, rank, world, 0,
+                                  len(self.valid_set))
+            it = iter(build_loader(self.valid_set, vs))
             chunk = [b for _, b in zip(range(cfg.train.eval_batches), it)]
-            losses = validation_loss(engine.module, chunk, device)
+            losses = validation_loss(module, chunk, self.device)
             if losses is None and rank == 0:
-                print(f"warning: eval step {step}: no validation CE: the validation split holds {len(valid_set)} "
+                print(f"warning: eval step {step}: no validation CE: the validation split holds {len(self.valid_set)} "
                       f"sequences, fewer than one micro-batch per rank ({cfg.train.micro_batch} x {world}); "
                       "raise data.valid_fraction", file=sys.stderr, flush=True)
             elif losses is not None:
                 record["valid_loss_per_pass"] = losses
-        if tasks and tokenizer is not None and cfg.train.eval_max_prompts > 0:
-            record["accuracy"] = task_accuracy(engine.module, tokenizer, tasks, cfg.train.eval_max_prompts, device,
-                                               sync=cfg.train.zero_stage == 3)
-        engine.module.train()
+        if self.tasks and self.tokenizer is not None and cfg.train.eval_max_prompts > 0:
+            record["accuracy"] = task_accuracy(module, self.tokenizer, self.tasks, cfg.train.eval_max_prompts,
+                                               self.device, sync=cfg.train.zero_stage == 3)
+        module.train()
         valid = record.get("valid_loss_per_pass")
-        logger.log(record, f"eval step {step}: " + " ".join(
+        self.logger.log(record, f"eval step {step}: " + " ".join(
             ([f"valid CE/pass [{' '.join(f'{x:.3f}' for x in valid)}]"] if valid else []) +
             [f"{k}={v:.2f}" for k, v in sorted(record.get("accuracy", {}).items())]))
         return record
 
-    engine.train()
-    while step < cfg.train.max_steps:
-        start = time.perf_counter()
-        try:
-            micro = [next(batches) for _ in range(accum)]
-        except StopIteration:
-            if rank == 0:
-                print(f"data exhausted after {consumed} samples (data.on_exhaust=stop)", flush=True)
-            break
-        engine.module.config.entropy_beta = entropy_beta(step, cfg, base_beta)
-        targets = torch.tensor(float(sum(int((shift_labels(b["labels"]) != -100).sum()) for b in micro)), device=device)
-        dist.all_reduce(targets)
-        normalizer = targets / (accum * world)  # so that DeepSpeed's /accum and rank mean give a global token mean
-        stats = torch.zeros(3 * T + 3, dtype=torch.float64, device=device)
-        for i, batch in enumerate(micro):
-            if cfg.fault.kill_at_step == step + 1 and rank == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if cfg.fault.fail_at_step == step + 1 and rank == cfg.fault.fail_rank:
-                raise RuntimeError(f"injected failure at step {step + 1} (fault.fail_at_step)")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = engine(**batch, num_items_in_batch=normalizer)
-            loss = out.loss * float("nan") if step + 1 in cfg.fault.nan_at_steps else out.loss
-            mask = (shift_labels(batch["labels"]) != -100)
-            n = mask.sum()
-            stats[:T] += out.step_losses.double() * n
-            stats[T:2 * T] += (out.exit_probs * mask[..., None]).sum((0, 1)).double()
-            stats[2 * T:3 * T] += (out.gate_probs * mask[..., None]).sum((0, 1)).double()
-            stats[3 * T] += loss.detach().double()
-            stats[3 * T + 1] += n
-            if i == accum - 1:  # decide on the update before DeepSpeed steps the optimizer
-                stats[3 * T + 2] = float(preempt.requested)
-                dist.all_reduce(stats)
-                step_loss = (stats[3 * T] / (accum * world)).item()
-                bad = guard.check(step_loss)
-                _client_optimizer(optimizer).skip_next_step = bad is not None
-            engine.backward(loss)
-            engine.step()
-        step += 1
-        consumed += cfg.train.global_batch
-        tokens_seen += int(stats[3 * T + 1].item())
-        seconds = time.perf_counter() - start
-        tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
-        tflops = flops * tokens_per_s / world / 1e12
-        n_tok = stats[3 * T + 1].clamp_min(1)
-        p = (stats[T:2 * T] / n_tok).tolist()
-        record = {
-            "step": step, "loss": step_loss, "loss_per_pass": (stats[:T] / n_tok).tolist(), "exit_probs": p,
-            "exit_entropy": -sum(x * math.log(max(x, 1e-12)) for x in p),
-            "gate_mean": (stats[2 * T:3 * T] / n_tok).tolist(), "grad_norm": _grad_norm(engine),
-            "lr": scheduler.get_last_lr()[0], "beta": engine.module.config.entropy_beta,
-            "tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops / cfg.logging.peak_tflops,
-            "consumed_samples": consumed, "tokens_seen": tokens_seen, "skipped": bad is not None,
-        }
-        if bad is not None:
-            logger.log({**record, "skip_reason": bad}, f"step {step}: update skipped ({bad})")
-            if guard.bad_in_a_row >= cfg.train.max_bad_steps:
-                raise RuntimeError(f"{guard.bad_in_a_row} consecutive bad steps (last: {bad}); aborting. The last "
-                                   f"good checkpoint is in {checkpoint.checkpoint_root(out_dir)}; lower optim.lr or "
-                                   "inspect the data, then resume")
-        elif step % cfg.train.log_every == 0 or step == 1:
-            logger.log(record, f"step {step:6d} | loss {step_loss:.4f} | CE/pass [" +
-                       " ".join(f"{x:.3f}" for x in record["loss_per_pass"]) + "] | exit p [" +
-                       " ".join(f"{x:.2f}" for x in p) + f"] | lr {record['lr']:.2e} | {tokens_per_s:,.0f} tok/s"
-                       f" | MFU {record['mfu']:.1%}")
-        else:
-            logger.log(record)
-        if stats[3 * T + 2] > 0:
-            save()
-            if rank == 0:
-                print(f"preempted: saved checkpoint at step {step}; resume with train.resume=auto", flush=True)
-            logger.close()
-            return engine
-        if step % cfg.train.save_every == 0 or step in (cfg.train.max_steps, cfg.train.exit_at_step):
-            save()
-        if step == cfg.train.exit_at_step:
-            if rank == 0:
-                print(f"stopping at train.exit_at_step={step} (checkpoint saved)", flush=True)
-            logger.close()
-            return engine
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
-            evaluate()
-    evaluate()
-    logger.log({"step": step, "memory_per_rank": _memory_per_rank(optimizer, device, engine.module)})
-    logger.close()
-    return engine
+    def _stop(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+        self.logger.close()
+
+
+def run(cfg, rank: int, world: int, hooks: list[Hook] | None = None):
+    """Train according to `cfg`; returns the engine (for tests and tools)."""
+    return Trainer(cfg, rank, world, hooks).train()
 
 
 def _memory_per_rank(optimizer, device, module) -> list[dict]:
@@ -332,59 +415,11 @@ def _grad_norm(engine) -> float | None:
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    with rank_errors():
+    with rank_errors((ConfigError, DataError)):
         cfg = load_config(args.config, args.overrides)
         rank, world = init_distributed()
         run(cfg, rank, world)
         shutdown_distributed()
-
-
-INPUT_ERRORS = (ConfigError, DataError)
-
-
-@contextlib.contextmanager
-def rank_errors(input_errors=INPUT_ERRORS):
-    """How a rank ends on an error, so that the job's output names the cause once:
-    * bad input (config, data, checkpoint: `input_errors`): one line `error: ...`, exit 2; an error
-      every rank found together (a damaged checkpoint) is printed by rank 0 alone;
-    * a peer's failure seen through a collective (gloo/NCCL): one line saying so, exit 1, so the
-      failing rank's own error is the one to read;
-    * anything else: the traceback headed by the rank, exit 1.
-    The DeepSpeed runner ends the other ranks once one exits non-zero."""
-    rank = int(os.environ.get("RANK", "0"))
-    where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    try:
-        yield
-    except input_errors as err:
-        if rank == 0 or not getattr(err, "on_every_rank", False):
-            print(f"error{where}: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-    except Exception as err:
-        if _peer_failure(err):
-            print(f"rank {rank}: stopping: a peer rank failed (its error is printed above or below)",
-                  file=sys.stderr, flush=True)
-        else:
-            print(f"error{where}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-            traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)  # no teardown: the process group may wait on the dead peer
-
-
-def _peer_failure(err: BaseException) -> bool:
-    """An error raised by a collective because another rank went away."""
-    dist_error = getattr(dist, "DistError", ())
-    text = str(err)
-    return isinstance(err, dist_error) or any(s in text for s in (
-        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
-        "Socket Timeout", "Timed out waiting"))
-
-
-def shutdown_distributed():
-    """Leave together: a rank that exits while a peer still tears down its communicator can make the
-    peer abort (seen with gloo on CPU), so meet at a barrier and destroy the group first."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

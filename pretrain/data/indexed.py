@@ -231,9 +231,9 @@ class IndexedDataset:
 def main(argv=None):
     import argparse
 
-    from .errors import cli_main
+    from runtime.cli import cli_main
 
-    @cli_main
+    @cli_main(errors=(DataError,))
     def run(argv):
         p = argparse.ArgumentParser(description="Show (and with --verify, checksum) an indexed dataset.")
         p.add_argument("prefix")

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import DataError, cli_main
+from runtime.cli import cli_main
+
+from .errors import DataError
 from .indexed import BLOCK_BYTES, IndexedWriter, paths
 from .tokenizer import Tokenizer
 
@@ -144,7 +146,7 @@ def _write(writer, result, bar):
     bar.update(len(docs))
 
 
-@cli_main
+@cli_main(errors=(DataError,))
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, folders, globs or a hub dataset name")

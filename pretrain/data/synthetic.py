@@ -20,7 +20,9 @@ import json
 import random
 from pathlib import Path
 
-from .errors import cli_main
+from runtime.cli import cli_main
+
+from .errors import DataError
 from .indexed import VERSION as INDEX_VERSION
 
 MODULUS = 23  # the paper's F_23; smaller moduli make an easier task (fewer table entries to learn)
@@ -194,7 +196,7 @@ def corpus_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-@cli_main
+@cli_main(errors=(DataError,))
 def main(argv=None):
     p = corpus_parser(__doc__)
     p.add_argument("--mano-train", type=int, default=8000)

@@ -9,7 +9,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import DataError, cli_main
+from runtime.cli import cli_main
+
+from .errors import DataError
 
 
 class Tokenizer:
@@ -106,7 +108,7 @@ def read_texts(path: Path, text_field: str):
                 raise DataError(f"{path}:{n}: not a JSON record with a {text_field!r} field ({err})") from err
 
 
-@cli_main
+@cli_main(errors=(DataError,))
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train a sentencepiece tokenizer on a corpus.")
     p.add_argument("--input", required=True, type=Path, help=".txt (a document per line) or .jsonl")

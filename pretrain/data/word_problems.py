@@ -21,7 +21,9 @@ import random
 import zlib
 from pathlib import Path
 
-from .errors import cli_main
+from runtime.cli import cli_main
+
+from .errors import DataError
 
 NAMES = ["Tom", "Ann", "Bob", "Eva", "Sam", "Mia", "Leo", "Zoe", "Max", "Ivy"]
 ITEMS = ["apples", "pens", "books", "coins", "cards", "shells", "stamps", "marbles"]
@@ -111,7 +113,7 @@ def prepare_word_problems(out_dir: str | Path, seed: int = 0, vocab_size: int = 
     return prepare_corpus(out_dir, recipe, write, vocab_size, user_symbols=["\n"])
 
 
-@cli_main
+@cli_main(errors=(DataError,))
 def main(argv=None):
     from .synthetic import corpus_parser
 

@@ -13,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pretrain.config import load_config  # noqa: E402
-from pretrain.train import init_distributed, run, shutdown_distributed  # noqa: E402
+from pretrain.train import run  # noqa: E402
+from runtime.distributed import init_distributed, shutdown_distributed  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--config", required=True)

@@ -34,12 +34,12 @@ def base_overrides(corpus: Path, out: Path, **extra) -> list[str]:
 
 
 def init_single_process():
-    import pretrain.train as train
+    from runtime.distributed import init_distributed
 
     if not torch.distributed.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    return train.init_distributed()
+    return init_distributed()
 
 
 def run_in_process(overrides: list[str]):
@@ -75,7 +75,7 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 
 def checkpoint_weights(ckpt: Path) -> dict:
-    from pretrain.checkpoint import read_state
+    from runtime.checkpoint import read_state
     from pretrain.export import consolidated_state_dict
 
     return consolidated_state_dict(Path(ckpt), read_state(ckpt)["zero_stage"])

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from posttrain.config import PostConfig
 from posttrain.data import ProblemError, load_problems
 from posttrain.grpo import group_advantages, grpo_loss
 from posttrain.reasoner import ReasonerError
 from posttrain.train import run
-from pretrain.config import ConfigError, load_config
+from posttrain.config import load_config
+from runtime.config import ConfigError
 
 REPO_CONFIG = "configs/posttrain_sft.yaml"
 
@@ -20,7 +20,7 @@ def config(reasoner_dir, out, **extra):
               "train.output_dir": str(out), "train.batch_size": 4, "train.max_steps": 3, "train.lr": 0.003,
               "train.save_every": 100, "train.log_every": 100, "train.max_new_tokens": 4, "augment.max_insertions": 1}
     values.update(extra)
-    return load_config(REPO_CONFIG, [f"{k}={v}" for k, v in values.items()], cls=PostConfig)
+    return load_config(REPO_CONFIG, [f"{k}={v}" for k, v in values.items()])
 
 
 def test_sft_trains_the_weaver_and_never_the_reasoner(reasoner_dir, tmp_path):
@@ -117,7 +117,7 @@ def test_learned_trigger_trains_alone(reasoner_dir, tmp_path):
 
 def test_bad_inputs_are_named(reasoner_dir, tmp_path):
     with pytest.raises(ConfigError, match="reasoner.path"):
-        load_config(REPO_CONFIG, ["reasoner.path="], cls=PostConfig)
+        load_config(REPO_CONFIG, ["reasoner.path="])
     with pytest.raises(ReasonerError, match="no config.json"):
         run(config(tmp_path, tmp_path / "x"))
     run(config(reasoner_dir, tmp_path / "r", **{"train.max_steps": 1}))
@@ -155,7 +155,7 @@ def test_two_ranks_under_the_deepspeed_runner(reasoner_dir, tmp_path):
 @pytest.mark.parametrize("how", ["flipped", "truncated", "latest-missing"])
 def test_a_damaged_checkpoint_stops_the_resume_naming_the_file(reasoner_dir, tmp_path, how):
     """The post-training checkpoints carry the same manifest as pretraining's, checked on resume."""
-    from pretrain.checkpoint import CheckpointError
+    from runtime.checkpoint import CheckpointError
 
     run(config(reasoner_dir, tmp_path / "r", **{"train.max_steps": 2, "train.save_every": 1}))
     ckpt = tmp_path / "r" / "checkpoints" / "step_2"

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from helpers.training import base_overrides, run_in_process
-from pretrain.checkpoint import MANIFEST, STATE_FILE, CheckpointError
+from runtime.checkpoint import MANIFEST, STATE_FILE, CheckpointError
 
 
 @pytest.fixture(scope="module")

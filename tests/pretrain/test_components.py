@@ -6,7 +6,7 @@ import math
 import pytest
 
 from looplm import preset_config
-from pretrain import checkpoint
+from runtime import checkpoint
 from pretrain.config import load_config
 from pretrain.engine import entropy_beta, lr_factor, param_groups
 from pretrain.metrics import LossGuard, flops_per_token

@@ -5,7 +5,7 @@ import socket
 import pytest
 
 from pretrain.config import ConfigError, deepspeed_config, load_config, validate
-from pretrain.launch_flags import runner_flags
+from runtime.launch import runner_flags
 
 CONFIGS = ["configs/smoke.yaml", "configs/ouro_1p4b.yaml", "configs/ouro_2p6b.yaml"]
 
