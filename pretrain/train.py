@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from looplm.objectives import shift_labels
 from runtime import checkpoint
 from runtime.config import ConfigError
 from runtime.distributed import init_distributed, is_rank0, rank_errors, shared_out, shutdown_distributed
+from runtime.trainer import TrainLoop
 
 from . import checkpoint as ds_checkpoint
 from .config import load_config, validate
@@ -93,18 +93,6 @@ def verify_data(indexed, d) -> None:
         err = DataError(found[0][1] + (f" ({len(found) - 1} more bad blocks)" if len(found) > 1 else ""))
         err.on_every_rank = True
         raise err
-
-
-class Preemption:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 @dataclass
@@ -186,9 +174,9 @@ class FaultInjection(Hook):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class Trainer:
-    """One pretraining run: build (model, data, engine; resume), then `train()`: per optimizer step
-    `train_step`, `log`, and the save / preemption / evaluation schedule."""
+class Trainer(TrainLoop):
+    """One pretraining run: build (model, data, engine; resume), then `train()`: the schedule of
+    runtime.trainer.TrainLoop over `train_step`, `log`, `save` and `evaluate`."""
 
     def __init__(self, cfg, rank: int, world: int, hooks: list[Hook] | None = None):
         validate(cfg, world)
@@ -225,7 +213,8 @@ class Trainer:
         self.accum = sampler.accumulation_steps
         self.flops = flops_per_token(self.model.config, cfg.data.seq_len)
         self.base_beta = self.model.config.entropy_beta
-        self.preemption = Preemption()
+        self.max_steps, self.save_every = t.max_steps, t.save_every
+        self.exit_at_step, self.eval_every = t.exit_at_step, t.eval_every
         if rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -247,40 +236,34 @@ class Trainer:
 
     def train(self):
         """Run to train.max_steps (or exit_at_step, preemption, exhausted data); returns the engine."""
-        cfg, state = self.cfg, self.state
         self.engine.train()
-        while state.step < cfg.train.max_steps:
-            start = time.perf_counter()
-            try:
-                micro = [next(self.batches) for _ in range(self.accum)]
-            except StopIteration:
-                if self.rank == 0:
-                    print(f"data exhausted after {state.consumed_samples} samples (data.on_exhaust=stop)", flush=True)
-                break
-            stats, bad = self.train_step(micro)
-            self.log(stats, bad, time.perf_counter() - start)
-            if stats.preempt.item() > 0:
-                self.save()
-                self._stop(f"preempted: saved checkpoint at step {state.step}; resume with train.resume=auto")
-                return self.engine
-            if state.step % cfg.train.save_every == 0 or state.step in (cfg.train.max_steps, cfg.train.exit_at_step):
-                self.save()
-            if state.step == cfg.train.exit_at_step:
-                self._stop(f"stopping at train.exit_at_step={state.step} (checkpoint saved)")
-                return self.engine
-            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step != cfg.train.max_steps:
-                self.evaluate()
-        self.evaluate()
-        self.logger.log({"step": state.step,
-                         "memory_per_rank": _memory_per_rank(self.optimizer, self.device, self.engine.module)})
-        self.logger.close()
+        super().train()
         return self.engine
 
-    def train_step(self, micro: list[dict]) -> tuple[StepStats, str | None]:
+    def finish(self) -> None:
+        self.evaluate()
+        self.logger.log({"step": self.state.step,
+                         "memory_per_rank": _memory_per_rank(self.optimizer, self.device, self.engine.module)})
+        self.logger.close()
+
+    def stop(self, message: str) -> None:
+        super().stop(message)
+        self.logger.close()
+
+    def preempted(self, stats: "StepStats") -> bool:
+        return stats.preempt.item() > 0  # reduced with the step's statistics
+
+    def train_step(self) -> StepStats | None:
         """One optimizer step over `accum` micro-batches: the loss is a mean over every target token of
-        the global batch; a bad loss (LossGuard) vetoes the update. Returns the reduced statistics and
-        the reason the step was bad (None when good)."""
+        the global batch; a bad loss (LossGuard) vetoes the update (`stats.bad` says why). Returns the
+        reduced statistics, or None when data.on_exhaust=stop and the data ran out."""
         cfg, device, accum, world = self.cfg, self.device, self.accum, self.world
+        try:
+            micro = [next(self.batches) for _ in range(accum)]
+        except StopIteration:
+            if self.rank == 0:
+                print(f"data exhausted after {self.state.consumed_samples} samples (data.on_exhaust=stop)", flush=True)
+            return None
         beta = entropy_beta(self.state.step, cfg, self.base_beta)
         targets = torch.tensor(float(sum(int((shift_labels(b["labels"]) != -100).sum()) for b in micro)), device=device)
         dist.all_reduce(targets)
@@ -305,13 +288,13 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_samples += cfg.train.global_batch
         self.state.tokens_seen += int(stats.targets.item())
-        self.beta = beta
-        return stats, bad
+        stats.beta, stats.bad = beta, bad
+        return stats
 
-    def log(self, stats: StepStats, bad: str | None, seconds: float) -> None:
+    def log(self, stats: StepStats, seconds: float) -> None:
         """The step's record to metrics.jsonl (every step) and the console (every log_every steps); a bad
         step is always reported, and too many in a row abort the run."""
-        cfg, step = self.cfg, self.state.step
+        cfg, step, bad = self.cfg, self.state.step, stats.bad
         tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
         tflops = self.flops * tokens_per_s / self.world / 1e12
         p = stats.per_target("exit_probs")
@@ -320,7 +303,7 @@ class Trainer:
             "step": step, "loss": loss, "loss_per_pass": stats.per_target("ce_per_pass"), "exit_probs": p,
             "exit_entropy": -sum(x * math.log(max(x, 1e-12)) for x in p),
             "gate_mean": stats.per_target("gate_probs"), "grad_norm": _grad_norm(self.engine),
-            "lr": self.scheduler.get_last_lr()[0], "beta": self.beta,
+            "lr": self.scheduler.get_last_lr()[0], "beta": stats.beta,
             "tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops / cfg.logging.peak_tflops,
             "consumed_samples": self.state.consumed_samples, "tokens_seen": self.state.tokens_seen,
             "skipped": bad is not None,
@@ -372,11 +355,6 @@ class Trainer:
             ([f"valid CE/pass [{' '.join(f'{x:.3f}' for x in valid)}]"] if valid else []) +
             [f"{k}={v:.2f}" for k, v in sorted(record.get("accuracy", {}).items())]))
         return record
-
-    def _stop(self, message: str) -> None:
-        if self.rank == 0:
-            print(message, flush=True)
-        self.logger.close()
 
 
 def run(cfg, rank: int, world: int, hooks: list[Hook] | None = None):

@@ -122,3 +122,19 @@ def test_export_refuses_a_non_empty_output_and_replaces_it_whole_with_overwrite(
     assert (tmp_path / "hf" / "config.json").exists() and not (tmp_path / "hf" / "mine.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == ["hf"]  # no .partial / .old
     LoopLMForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def test_the_entropy_weight_reaches_the_loss_each_step_without_touching_the_model_config(corpus, tmp_path):
+    """ouro.beta_schedule is passed to the loss per step: the same first step (same weights and batch)
+    with beta 0.5 has a lower loss than with beta 0 (the entropy term is subtracted), the logged beta
+    follows the schedule, and the model's config keeps its own entropy_beta."""
+    first = {}
+    for beta in (0.0, 0.5):
+        engine = run_in_process(base_overrides(corpus, tmp_path / f"b{beta}", **{
+            "train.max_steps": 3, "ouro.beta_schedule": f"[[0, {beta}], [2, 0.25]]"}))
+        records = [r for r in metrics(tmp_path / f"b{beta}") if "loss" in r]
+        assert [r["beta"] for r in records] == [beta, beta, 0.25]
+        assert engine.module.config.entropy_beta == build_model(load_config(
+            REPO / "configs/smoke.yaml", base_overrides(corpus, tmp_path))).config.entropy_beta
+        first[beta] = records[0]["loss"]
+    assert first[0.5] < first[0.0]
