@@ -35,8 +35,8 @@ def main():
                    "--data", f"synthetic:{args.task}", "--limit", "200", "--max-new-tokens", "4", "--max-insertions", "0",
                    "--output", str(out / "eval")])
     report = json.loads((out / "head" / "report.json").read_text())
-    print(f"correctness head: held-out AUROC {report['held_out']['auroc']:.3f}, ECE {report['held_out']['ece']:.3f} "
-          f"({report['held_out']['n']} completions, {report['held_out']['positive_rate']:.1%} correct), "
+    print(f"correctness head: validation AUROC {report['valid']['auroc']:.3f}, ECE {report['valid']['ece']:.3f} "
+          f"({report['valid']['n']} completions, {report['valid']['positive_rate']:.1%} correct), "
           f"{report['parameters']:,} parameters")
 
 

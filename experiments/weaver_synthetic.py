@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from posttrain.augment import generate
+from posttrain.augment import score_completions
 from posttrain.config import load_config
-from posttrain.data import is_correct, load_problems
+from posttrain.data import load_problems
 from posttrain.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +29,9 @@ def accuracy(system, problems, weaver, augment, batch=25):
     for i in range(0, len(problems), batch):
         chunk = problems[i:i + batch]
         with torch.no_grad():
-            gen = generate(system.reasoner, weaver, [system.tok.encode(p.prompt) for p in chunk], augment,
-                           system.trigger, system.delims, system.cfg.train.max_new_tokens, system.tok.eos_id)
-        correct += sum(is_correct(system.tok.decode(t), p) for t, p in zip(gen.tokens, chunk))
+            done = score_completions(system.reasoner, weaver, system.tok, chunk, augment, system.trigger,
+                                     system.delims, system.cfg.train.max_new_tokens)
+        correct += sum(done.correct)
     return correct, len(problems)
 
 

@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .attention import left_pad, position_ids_from_mask
 from .cache import LoopCache
 from .config import LoopLMConfig, preset_config
 from .exits import ExitPolicy, exit_distribution, exit_entropy
@@ -14,5 +15,6 @@ AutoModelForCausalLM.register(LoopLMConfig, LoopLMForCausalLM, exist_ok=True)
 
 __all__ = [
     "ExitPolicy", "LoopCache", "LoopLMConfig", "LoopLMForCausalLM", "LoopLMModel", "LoopLMOutput",
-    "exit_distribution", "exit_entropy", "preset_config", "stage1_loss", "stage2_gate_loss", "token_cross_entropy",
+    "exit_distribution", "exit_entropy", "left_pad", "position_ids_from_mask", "preset_config", "stage1_loss", "stage2_gate_loss",
+    "token_cross_entropy",
 ]

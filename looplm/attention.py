@@ -43,6 +43,23 @@ class AttentionMask:
         return AttentionMask(self.dense[index])  # cu_seqlens describe all rows: SDPA takes the subset
 
 
+def left_pad(sequences: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences left-padded to the longest: ids (B, S) and mask (B, S), 1 = real token."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):], mask[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device=device), 1
+    return ids, mask
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, S) from an attention mask (B, S), 1 = real input: the number of real inputs
+    before each one, so left padding and masked slots take no position. A masked slot gets the
+    position of the real input before it (0 before the first); it is never attended."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     """(B, S) document index per token from position ids that restart at 0 per document, or None
     when every row is one document (positions never restart)."""

@@ -20,7 +20,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .attention import build_attention_mask
+from .attention import build_attention_mask, position_ids_from_mask
 from .cache import LoopCache
 from .compat import CACHE_NAME, cache_argument, output_cache
 from .config import LoopLMConfig
@@ -108,7 +108,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past_len:]
+                position_ids = position_ids_from_mask(attention_mask)[:, past_len:]
             else:
                 position_ids = torch.arange(past_len, past_len + S, device=h.device)[None]
         mask = build_attention_mask(S, past_len, attention_mask, position_ids)

@@ -5,6 +5,8 @@ inference augmentation (K latents after delimiter tokens while decoding, at most
 (a row that does not insert at that step gets K masked padding slots, which take no position and are
 never attended). `splice` builds the same sequence by teacher forcing (SFT, GRPO log-probs): latents
 are spliced into the input embeddings and get label -100, so the last latent predicts the next token.
+`score_completions` decodes problems and marks each completion correct or not (GRPO and trigger
+rollouts, the correctness head's data, the evaluation table).
 """
 
 from dataclasses import dataclass, field
@@ -12,9 +14,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from looplm.compat import CACHE_NAME, output_cache
+from looplm.compat import output_cache
+from looplm.objectives import IGNORE_INDEX, shift_labels
 
-from .reasoner import last_hidden
+from .data import ANSWER_PATTERN, is_correct
+from .reasoner import embed, forward_embeds, last_hidden, prompt_embeds
 
 
 @dataclass
@@ -44,15 +48,9 @@ class Generation:
     trigger_log_probs: list[list[torch.Tensor]] = field(default_factory=list)  # learned trigger decisions
 
 
-def _embed(reasoner, ids):
-    return reasoner.get_input_embeddings()(ids)
-
-
 def _forward(reasoner, embeds, mask, cache, new):
     """Run the last `new` inputs with the cache; returns logits (B, new, V), last hidden, cache."""
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -new:]
-    out = reasoner(inputs_embeds=embeds[:, -new:], attention_mask=mask, position_ids=positions,
-                   use_cache=True, output_hidden_states=True, **{CACHE_NAME: cache})
+    out = forward_embeds(reasoner, embeds[:, -new:], mask, cache, use_cache=True, output_hidden_states=True)
     return out.logits, last_hidden(out), output_cache(out)
 
 
@@ -63,13 +61,8 @@ def generate(reasoner, weaver, prompts: list[list[int]], augment: AugmentConfig,
     """Decode B prompts (left-padded) with latents inserted as `augment` and `trigger` say.
     weaver=None decodes the plain reasoner. prompt_latents (B, K, d) replaces the weaver's prompt
     latents (test-time optimisation)."""
-    device = reasoner.get_input_embeddings().weight.device
-    B, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(B, width, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p, device=device), 1
-    embeds = _embed(reasoner, ids) * mask[..., None]
+    embeds, mask = prompt_embeds(reasoner, prompts, pad_id)
+    B, device = len(prompts), embeds.device
     if prompt_latents is not None or (weaver is not None and augment.prompt_augment):
         latents = prompt_latents if prompt_latents is not None else weaver(embeds, mask, "prompt")
         embeds = torch.cat([embeds, latents.to(embeds.dtype)], 1)
@@ -91,7 +84,7 @@ def generate(reasoner, weaver, prompts: list[list[int]], augment: AugmentConfig,
         for i in range(B):
             if not done[i]:
                 tokens[i].append(int(tok[i]))
-        new_embed = _embed(reasoner, tok[:, None])
+        new_embed = embed(reasoner, tok[:, None])
         insert = torch.zeros(B, dtype=torch.bool, device=device)
         if weaver is not None:
             for i in range(B):
@@ -131,25 +124,25 @@ def splice(reasoner, weaver, prompt: list[int], answer: list[int], insert_after:
     prompt (prompt augmentation) and after answer token indices `insert_after`, each produced by the
     weaver from everything before it, earlier latents included."""
     device = reasoner.get_input_embeddings().weight.device
-    pieces, labels = [_embed(reasoner, torch.tensor(prompt, device=device))], [torch.full((len(prompt),), -100)]
+    pieces, labels = [embed(reasoner, torch.tensor(prompt, device=device))], [torch.full((len(prompt),), IGNORE_INDEX)]
 
     def add_latents(kind):
         context = torch.cat(pieces)[None]
         latents = (prompt_latents if kind == "prompt" and prompt_latents is not None
                    else weaver(context, torch.ones(context.shape[:2], dtype=torch.long, device=device), kind))[0]
         pieces.append(latents.to(context.dtype))
-        labels.append(torch.full((latents.shape[0],), -100))
+        labels.append(torch.full((latents.shape[0],), IGNORE_INDEX))
 
     if prompt_latents is not None or (weaver is not None and augment.prompt_augment):
         add_latents("prompt")
     start = 0
     for cut in sorted(insert_after):
-        pieces.append(_embed(reasoner, torch.tensor(answer[start:cut + 1], device=device)))
+        pieces.append(embed(reasoner, torch.tensor(answer[start:cut + 1], device=device)))
         labels.append(torch.tensor(answer[start:cut + 1]))
         start = cut + 1
         add_latents("inference")
     if start < len(answer):
-        pieces.append(_embed(reasoner, torch.tensor(answer[start:], device=device)))
+        pieces.append(embed(reasoner, torch.tensor(answer[start:], device=device)))
         labels.append(torch.tensor(answer[start:]))
     return torch.cat(pieces), torch.cat(labels).to(device)
 
@@ -158,16 +151,43 @@ def batch_splices(examples: list[tuple[torch.Tensor, torch.Tensor]]):
     """Right-pad spliced examples: (embeds (B, S, d), labels (B, S), mask (B, S))."""
     width = max(e.shape[0] for e, _ in examples)
     embeds = torch.stack([F.pad(e, (0, 0, 0, width - e.shape[0])) for e, _ in examples])
-    labels = torch.stack([F.pad(l, (0, width - l.shape[0]), value=-100) for _, l in examples])
+    labels = torch.stack([F.pad(l, (0, width - l.shape[0]), value=IGNORE_INDEX) for _, l in examples])
     mask = torch.stack([F.pad(torch.ones(e.shape[0], dtype=torch.long, device=e.device), (0, width - e.shape[0]))
                         for e, _ in examples])
     return embeds, labels, mask
 
 
+def splice_completions(reasoner, weaver, prompts, tokens, insertions, augment: AugmentConfig,
+                       prompt_latents: torch.Tensor | None = None):
+    """`splice` of every decoded completion (token ids and insertion points per row, as `generate`
+    returns them), batched by `batch_splices`; prompt_latents (B, K, d): each row's prompt latents."""
+    return batch_splices([splice(reasoner, weaver, p, toks, ins, augment,
+                                 prompt_latents=None if prompt_latents is None else prompt_latents[i:i + 1])
+                          for i, (p, toks, ins) in enumerate(zip(prompts, tokens, insertions))])
+
+
 def token_log_probs(reasoner, embeds, labels, mask) -> torch.Tensor:
     """log p(label_t | prefix) at every position whose label is a token (0 elsewhere): (B, S)."""
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    logits = reasoner(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    logits = forward_embeds(reasoner, embeds, mask).logits
+    targets = shift_labels(labels)
     logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
-    return logp * (targets != -100)
+    return logp * (targets != IGNORE_INDEX)
+
+
+@dataclass
+class Completions:
+    """One decoded completion per problem, scored by exact match."""
+    prompts: list[list[int]]  # the encoded prompts
+    generation: Generation
+    texts: list[str]
+    correct: list[bool]
+
+
+def score_completions(reasoner, weaver, tok, problems, augment: AugmentConfig, trigger, delims: set[int],
+                      max_new_tokens: int, pattern: str = ANSWER_PATTERN, **decoding) -> Completions:
+    """Encode each problem's prompt, `generate` (batched; `decoding`: sample, temperature,
+    prompt_latents), decode the completions and mark each correct or not (`data.is_correct`)."""
+    prompts = [tok.encode(p.prompt) for p in problems]
+    gen = generate(reasoner, weaver, prompts, augment, trigger, delims, max_new_tokens, tok.eos_id, **decoding)
+    texts = [tok.decode(t) for t in gen.tokens]
+    return Completions(prompts, gen, texts, [is_correct(x, p, pattern) for x, p in zip(texts, problems)])

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .augment import batch_splices, splice
-from .reasoner import ReasonerError, last_hidden
+from looplm.objectives import IGNORE_INDEX, shift_labels
+
+from .augment import splice_completions
+from .reasoner import ReasonerError, forward_embeds, last_hidden
 
 POOL = 64
 
@@ -95,15 +97,13 @@ def load_head(folder, hidden_size: int | None = None) -> CorrectnessHead:
 def head_inputs(reasoner, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
     """Run the frozen reasoner once over spliced sequences: per row, the final hidden states of its
     real positions and [p, log p, entropy] of each completion token (labels != -100)."""
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    out = reasoner(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
-                   output_hidden_states=True)
+    out = forward_embeds(reasoner, embeds, mask, output_hidden_states=True)
     hidden, logp = last_hidden(out), torch.log_softmax(out.logits.float(), -1)
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    targets = shift_labels(labels)
     hiddens, stats = [], []
     for i in range(embeds.shape[0]):
         hiddens.append(hidden[i][mask[i].bool()])
-        at = targets[i] != -100
+        at = targets[i] != IGNORE_INDEX
         lp = logp[i][at].gather(-1, targets[i][at][:, None]).squeeze(-1)
         entropy = -(logp[i][at].exp() * logp[i][at]).sum(-1)
         rows = torch.stack([lp.exp(), lp, entropy], -1)
@@ -116,13 +116,11 @@ def completion_inputs(reasoner, weaver, prompts, tokens, insertions, augment, dr
     """The head's inputs for decoded completions (token ids and insertion points per row, as
     `augment.generate` returns them) cut to their first `draft_tokens` tokens (None: whole; 0: prompt
     and latents only), with the latents spliced in where they were inserted."""
-    examples = []
-    for i, (prompt, toks, ins) in enumerate(zip(prompts, tokens, insertions)):
-        if draft_tokens is not None:
-            toks, ins = toks[:draft_tokens], [j for j in ins if j < draft_tokens]
-        latents = None if prompt_latents is None else prompt_latents[i:i + 1]
-        examples.append(splice(reasoner, weaver, prompt, toks, ins, augment, prompt_latents=latents))
-    return head_inputs(reasoner, *batch_splices(examples))
+    if draft_tokens is not None:
+        tokens = [toks[:draft_tokens] for toks in tokens]
+        insertions = [[j for j in ins if j < draft_tokens] for ins in insertions]
+    return head_inputs(reasoner, *splice_completions(reasoner, weaver, prompts, tokens, insertions, augment,
+                                                     prompt_latents))
 
 
 def auroc(scores, labels) -> float:

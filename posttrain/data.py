@@ -26,6 +26,8 @@ class Problem:
 
 SYNTHETIC_TRAIN_SIZE = 4000  # fresh Mano problems when no limit is given (multihop has fewer)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+ANSWER_MARK = "####"  # GSM8K's final line: `#### 42`
+ANSWER_PATTERN = ANSWER_MARK + r"\s*([^\n]+)"  # a model's answer: the text after the mark (the first group)
 
 
 def normalize_number(text: str) -> str:
@@ -39,13 +41,13 @@ def normalize_number(text: str) -> str:
 
 
 def extract_reference(answer: str) -> str:
-    """The number after `####` in a GSM8K answer."""
-    if "####" not in answer:
-        raise ProblemError(f"GSM8K answer has no '####' line: {answer[-80:]!r}")
-    return normalize_number(answer.rsplit("####", 1)[1])
+    """The number after the last ANSWER_MARK in a GSM8K answer."""
+    if ANSWER_MARK not in answer:
+        raise ProblemError(f"GSM8K answer has no '{ANSWER_MARK}' line: {answer[-80:]!r}")
+    return normalize_number(answer.rsplit(ANSWER_MARK, 1)[1])
 
 
-def extract_prediction(text: str, pattern: str = r"####\s*([^\n]+)") -> str | None:
+def extract_prediction(text: str, pattern: str = ANSWER_PATTERN) -> str | None:
     """The configured answer pattern (its first group) if it matches, else the last number; commas,
     currency and trailing units stripped. None when the text holds no number."""
     match = re.search(pattern, text) if pattern else None
@@ -115,7 +117,7 @@ def load_problems(source: str, limit: int | None = None, split: str = "train", s
     return problems
 
 
-def is_correct(completion: str, problem: Problem, pattern: str = r"####\s*([^\n]+)") -> bool:
+def is_correct(completion: str, problem: Problem, pattern: str = ANSWER_PATTERN) -> bool:
     if problem.one_word:
         words = completion.split()
         return bool(words) and words[0].strip(".") == problem.answer

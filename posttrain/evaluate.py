@@ -5,7 +5,12 @@ Correctness-LTPO with the head trained jointly during GRPO. Rows whose parts are
     python -m posttrain.evaluate --reasoner MODEL_DIR --weaver WEAVER_DIR [--grpo-weaver DIR] \\
         [--trigger CKPT] [--head HEAD_DIR] [--joint-head DIR] \\
         --data ../shared/data/gsm8k/test.jsonl [--limit 100] --output runs/eval_gsm8k
+    python -m posttrain.evaluate --config configs/posttrain_grpo.yaml [section.key=value ...] \\
+        [--grpo-weaver DIR ...] --output runs/eval
 
+The settings come from a post-training config (`--config`: the `eval:` section, reasoner,
+weaver.init_from (the weaver), trigger.init_from (a learned trigger), augment, data.eval,
+data.max_eval, data.answer_pattern) and its overrides; each flag sets one config key (see --help).
 Greedy batched decoding with a progress bar; answers are extracted with --answer-pattern (default the
 number after ####), else the last number, commas/currency/units stripped, and compared with the
 reference after ####. LTPO optimises the weaver's prompt latents (or, without a weaver, K copies of a
@@ -28,14 +33,16 @@ from tqdm import tqdm
 
 from pretrain.data.errors import DataError
 from runtime.cli import cli_main
+from runtime.config import ConfigError
 
-from .augment import AugmentConfig, delimiter_ids, generate
+from .augment import AugmentConfig, delimiter_ids, generate, score_completions
+from .config import ConfigArguments, EvalSection
 from .correctness import completion_inputs, load_head
-from .data import ProblemError, extract_prediction, is_correct, load_problems
-from .ltpo import LTPOConfig, confidence_reward, optimize, prompt_embeds
-from .reasoner import ReasonerError, hidden_size, load_reasoner, load_tokenizer
+from .data import ANSWER_PATTERN, ProblemError, extract_prediction, load_problems
+from .ltpo import LTPOConfig, confidence_reward, optimize
+from .reasoner import ReasonerError, hidden_size, load_reasoner, load_tokenizer, prompt_embeds
 from .trigger import FixedTrigger, LearnedTrigger
-from .weaver import load_weaver
+from .weaver import WeaverConfig, load_weaver
 
 
 def correctness_reward(reasoner, weaver, head, prompts, augment, trigger, delims, draft_tokens, eos_id):
@@ -100,8 +107,9 @@ ROW_KEYS = ("vanilla", "weaver_prompt", "weaver", "trigger", "grpo", "ltpo", "co
 class Evaluator:
     """Decodes problems for a Row: greedy, batched, with the row's latents, trigger and LTPO."""
 
-    def __init__(self, reasoner, tok, max_new_tokens=256, ltpo=None, stop_at=0.95, num_latents=8,
-                 pattern=r"####\s*([^\n]+)", draft_tokens=None, delimiters=None):
+    def __init__(self, reasoner, tok, max_new_tokens=EvalSection.max_new_tokens, ltpo=None,
+                 stop_at=EvalSection.stop_at, num_latents=WeaverConfig.num_latents, pattern=ANSWER_PATTERN,
+                 draft_tokens=None, delimiters=None):
         self.reasoner, self.tok = reasoner, tok
         self.delimiters = delimiters or AugmentConfig().delimiters
         self.delims = delimiter_ids(tok, self.delimiters)
@@ -119,10 +127,10 @@ class Evaluator:
 
     @torch.no_grad()
     def run_batch(self, problems, row: Row):
-        prompts = [self.tok.encode(p.prompt) for p in problems]
         latents, steps = None, [0] * len(problems)
         augment = AugmentConfig(row.prompt_augment and row.weaver is not None, row.max_insertions, self.delimiters)
         if row.ltpo is not None:
+            prompts = [self.tok.encode(p.prompt) for p in problems]
             embeds, mask = prompt_embeds(self.reasoner, prompts)
             start = self._initial_latents(row.weaver, embeds, mask)
             if row.ltpo == "confidence":
@@ -136,13 +144,13 @@ class Evaluator:
                 cfg = replace(self.ltpo, stop_at=self.stop_at)
             result = optimize(start, reward, cfg, generator=torch.Generator().manual_seed(0))
             latents, steps = result.latents, result.steps.tolist()
-        gen = generate(self.reasoner, row.weaver, prompts, augment, row.trigger, self.delims, self.max_new_tokens,
-                       self.tok.eos_id, prompt_latents=latents)
-        texts = [self.tok.decode(t) for t in gen.tokens]
+        done = score_completions(self.reasoner, row.weaver, self.tok, problems, augment, row.trigger, self.delims,
+                                 self.max_new_tokens, self.pattern, prompt_latents=latents)
         return [{"completion": text, "prediction": extract_prediction(text, self.pattern) if not p.one_word
-                 else (text.split() or [""])[0], "reference": p.answer, "correct": is_correct(text, p, self.pattern),
+                 else (text.split() or [""])[0], "reference": p.answer, "correct": correct,
                  "ltpo_steps": s, "insertions": len(ins)}
-                for text, p, s, ins in zip(texts, problems, steps, gen.insertions)]
+                for text, correct, p, s, ins in zip(done.texts, done.correct, problems, steps,
+                                                    done.generation.insertions)]
 
 
 def bootstrap_interval(correct: list, level: float = 0.95, resamples: int = 2000, seed: int = 0,
@@ -197,46 +205,56 @@ def format_table(table) -> str:
     return "\n".join(lines)
 
 
-@cli_main(errors=(ReasonerError, ProblemError, DataError), code=2)
-def main(argv=None):
+def arguments(argv=None):
+    """(args, config) of the command line: each flag that sets a config key holds its config value."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reasoner", required=True)
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--weaver", default=None, help="the SFT weaver (a saved weaver folder)")
+    config = ConfigArguments(p)
+    config.add("--reasoner", "reasoner.path")
+    config.add("--tokenizer", "reasoner.tokenizer")
+    config.add("--weaver", "weaver.init_from", help="the SFT weaver (a saved weaver folder)")
     p.add_argument("--grpo-weaver", default=None, help="the weaver after GRPO")
-    p.add_argument("--trigger", default=None, help="a learned trigger: a posttrain checkpoint with trigger.safetensors")
+    config.add("--trigger", "trigger.init_from",
+               help="a learned trigger: a posttrain checkpoint with trigger.safetensors")
     p.add_argument("--head", default=None, help="a correctness head trained by posttrain.head")
     p.add_argument("--joint-head", default=None, help="the head trained jointly during GRPO (train.joint_head)")
-    p.add_argument("--data", required=True, help="GSM8K-format jsonl, or synthetic:<task> (its held-out split)")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--draft-tokens", type=int, default=None,
-                   help="Correctness-LTPO draft length (default: the head's own, set when it was trained with posttrain.head --draft-tokens; else the whole answer); 0 = no draft")
-    p.add_argument("--max-insertions", type=int, default=5)
-    p.add_argument("--delimiters", default=None, help="JSON list of delimiter strings (default [\",\", \".\", \"\\n\"])")
-    p.add_argument("--ltpo-steps", type=int, default=10)
-    p.add_argument("--ltpo-lr", type=float, default=0.03)
-    p.add_argument("--ltpo-sigma", type=float, default=0.1)
-    p.add_argument("--stop-at", type=float, default=0.95)
-    p.add_argument("--confidence", default="neg_logprob", choices=["neg_logprob", "probability"],
-                   help="LTPO reward: the paper's -mean log p of the top-k tokens, or their mean probability")
-    p.add_argument("--answer-pattern", default=r"####\s*([^\n]+)")
+    config.add("--data", "data.eval", help="GSM8K-format jsonl, or synthetic:<task> (its held-out split)")
+    config.add("--limit", "data.max_eval", type=int)
+    config.add("--batch", "eval.batch", type=int)
+    config.add("--max-new-tokens", "eval.max_new_tokens", type=int)
+    config.add("--draft-tokens", "eval.draft_tokens", type=int,
+               help="Correctness-LTPO draft length (unset: the head's own, set when it was trained with posttrain.head "
+                    "--draft-tokens; else the whole answer); 0 = no draft")
+    config.add("--max-insertions", "augment.max_insertions", type=int)
+    config.add("--delimiters", "augment.delimiters", type=json.loads, help="JSON list of delimiter strings")
+    config.add("--ltpo-steps", "eval.ltpo.steps", type=int)
+    config.add("--ltpo-lr", "eval.ltpo.lr", type=float)
+    config.add("--ltpo-sigma", "eval.ltpo.sigma", type=float)
+    config.add("--stop-at", "eval.stop_at", type=float)
+    config.add("--confidence", "eval.ltpo.confidence", choices=["neg_logprob", "probability"],
+               help="LTPO reward: the paper's -mean log p of the top-k tokens, or their mean probability")
+    config.add("--answer-pattern", "data.answer_pattern")
     p.add_argument("--rows", default=None, help="comma-separated row keys (default: every row the given parts allow)")
     p.add_argument("--output", required=True)
-    args = p.parse_args(argv)
-    reasoner = load_reasoner(args.reasoner)
-    tok = load_tokenizer(args.reasoner, args.tokenizer)
+    return config.parse(argv)
+
+
+@cli_main(errors=(ConfigError, ReasonerError, ProblemError, DataError), code=2)
+def main(argv=None):
+    args, cfg = arguments(argv)
+    if not cfg.data.eval:
+        raise ConfigError("the problems to evaluate are required: --data or config key data.eval")
+    reasoner = load_reasoner(cfg.reasoner.path)
+    tok = load_tokenizer(cfg.reasoner.path, cfg.reasoner.tokenizer)
     d = hidden_size(reasoner)
     trigger = None
-    if args.trigger:
+    if cfg.trigger.init_from:
         trigger = LearnedTrigger(d, sample=False)  # greedy decisions at evaluation
-        trigger.load_state_dict(load_file(Path(args.trigger) / "trigger.safetensors"))
-    rows = table_rows(load_weaver(reasoner, args.weaver) if args.weaver else None,
+        trigger.load_state_dict(load_file(Path(cfg.trigger.init_from) / "trigger.safetensors"))
+    rows = table_rows(load_weaver(reasoner, cfg.weaver.init_from) if cfg.weaver.init_from else None,
                       load_weaver(reasoner, args.grpo_weaver) if args.grpo_weaver else None, trigger,
                       load_head(args.head, d) if args.head else None,
-                      load_head(args.joint_head, d) if args.joint_head else None, args.max_insertions)
-    for part, needs in (("trigger", "weaver"), ("joint_head", "grpo_weaver")):
+                      load_head(args.joint_head, d) if args.joint_head else None, cfg.augment.max_insertions)
+    for part, needs in (("trigger", "weaver"), ("joint_head", "grpo_weaver")):  # args: flags or config values
         if getattr(args, part) and not getattr(args, needs):
             raise SystemExit(f"error: --{part.replace('_', '-')} is used with --{needs.replace('_', '-')}; give both")
     if args.rows:
@@ -250,16 +268,14 @@ def main(argv=None):
                              f"arguments: {[r.key for r in rows]}; the weaver rows need --weaver, grpo --grpo-weaver, "
                              "trigger --trigger, correctness_ltpo --head, joint_correctness_ltpo --joint-head)")
         rows = [r for r in rows if r.key in wanted]
-    split = "eval" if args.data.startswith("synthetic:") else "train"
-    problems = load_problems(args.data, args.limit, split=split)
+    split = "eval" if cfg.data.eval.startswith("synthetic:") else "train"
+    problems = load_problems(cfg.data.eval, cfg.data.max_eval, split=split)
     weavers = [r.weaver for r in rows if r.weaver is not None]
-    evaluator = Evaluator(reasoner, tok, args.max_new_tokens,
-                          LTPOConfig(lr=args.ltpo_lr, sigma=args.ltpo_sigma, steps=args.ltpo_steps,
-                                     confidence=args.confidence), args.stop_at,
-                          weavers[0].config.num_latents if weavers else 8, args.answer_pattern, args.draft_tokens,
-                          json.loads(args.delimiters) if args.delimiters else None)
+    evaluator = Evaluator(reasoner, tok, cfg.eval.max_new_tokens, cfg.eval.ltpo, cfg.eval.stop_at,
+                          weavers[0].config.num_latents if weavers else cfg.weaver.num_latents, cfg.data.answer_pattern,
+                          cfg.eval.draft_tokens, cfg.augment.delimiters)
     torch.manual_seed(0)
-    table, outputs = evaluate(evaluator, problems, rows, args.batch)
+    table, outputs = evaluate(evaluator, problems, rows, cfg.eval.batch)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({**vars(args), "table": table}, indent=2))

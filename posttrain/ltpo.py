@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .reasoner import forward_embeds
+
 
 @dataclass
 class LTPOConfig:
@@ -79,25 +81,14 @@ def optimize(latents: torch.Tensor, reward_fn, cfg: LTPOConfig, generator: torch
     return LTPOResult(best, best_r, steps, initial)
 
 
-def prompt_embeds(reasoner, prompts: list[list[int]], pad_id: int = 0):
-    """Left-padded prompt embeddings (B, S, d) and mask (B, S)."""
-    device = reasoner.get_input_embeddings().weight.device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p, device=device), 1
-    return reasoner.get_input_embeddings()(ids) * mask[..., None], mask
-
-
 def confidence_reward(reasoner, embeds: torch.Tensor, mask: torch.Tensor, top_k: int = 10,
                       kind: str = "neg_logprob"):
     """reward_fn for LTPO: the confidence of the next-token distributions at the latent positions
-    (appended after the prompt); the last latent's distribution is that of the first answer token."""
+    (appended after the prompt: embeds, mask as `reasoner.prompt_embeds` gives them); the last
+    latent's distribution is that of the first answer token."""
     def reward(latents):
         seq = torch.cat([embeds, latents.to(embeds.dtype)], 1)
         full = torch.cat([mask, mask.new_ones(latents.shape[:2])], 1)
-        positions = (full.long().cumsum(-1) - 1).clamp_min(0)
-        logits = reasoner(inputs_embeds=seq, attention_mask=full, position_ids=positions, use_cache=False).logits
+        logits = forward_embeds(reasoner, seq, full).logits
         return confidence(logits[:, -latents.shape[1]:], top_k, kind)
     return reward

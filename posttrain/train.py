@@ -10,6 +10,7 @@ trainer_state.json; `latest` moves last. `train.resume=auto` continues exactly.
 import argparse
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,18 +18,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from looplm.objectives import IGNORE_INDEX, shift_labels
 from runtime import checkpoint
 from runtime.config import ConfigError
 from runtime.distributed import init_distributed, rank_errors, shutdown_distributed
+from runtime.trainer import LoopState, TrainLoop
 
-from .augment import AugmentConfig, batch_splices, delimiter_ids, generate, splice, token_log_probs
+from .augment import (Completions, batch_splices, delimiter_ids, score_completions, splice, splice_completions,
+                      token_log_probs)
 from .config import PostConfig, load_config
 from .correctness import CorrectnessHead, auroc, head_inputs, load_head
-from .data import ProblemError, is_correct, load_problems
+from .data import ProblemError, load_problems
 from .grpo import group_advantages, grpo_loss
-from .reasoner import ReasonerError, freeze, load_reasoner, load_tokenizer
+from .reasoner import ReasonerError, freeze, hidden_size, load_reasoner, load_tokenizer
 from .trigger import FixedTrigger, build_trigger
-from .weaver import Weaver, WeaverConfig
+from .weaver import Weaver
 
 
 class System:
@@ -38,12 +42,10 @@ class System:
         self.cfg = cfg
         self.reasoner = load_reasoner(cfg.reasoner.path)
         self.tok = load_tokenizer(cfg.reasoner.path, cfg.reasoner.tokenizer)
-        w = cfg.weaver
-        self.weaver = Weaver(self.reasoner, WeaverConfig(w.num_latents, w.lora_r, w.lora_alpha, w.lora_dropout,
-                                                          list(w.lora_targets), reasoner=cfg.reasoner.path))
-        if w.init_from:
-            self.weaver.load(w.init_from)
-        d = self.reasoner.get_input_embeddings().weight.shape[1]
+        self.weaver = Weaver(self.reasoner, replace(cfg.weaver, reasoner=cfg.reasoner.path))
+        if cfg.weaver.init_from:
+            self.weaver.load(cfg.weaver.init_from)
+        d = hidden_size(self.reasoner)
         self.trigger = build_trigger(cfg.trigger.policy, d)
         if cfg.trigger.init_from:
             self.trigger.load_state_dict(load_file(Path(cfg.trigger.init_from) / "trigger.safetensors"))
@@ -54,8 +56,7 @@ class System:
         if cfg.train.joint_head:
             self.head = load_head(cfg.train.head_init_from, d) if cfg.train.head_init_from else CorrectnessHead(d)
         self.last_rollout = None  # (spliced inputs, rewards) of the latest GRPO step, for the joint head
-        self.augment = AugmentConfig(cfg.augment.prompt_augment, cfg.augment.max_insertions,
-                                     list(cfg.augment.delimiters))
+        self.augment = cfg.augment
         self.delims = delimiter_ids(self.tok, self.augment.delimiters)
 
     def encode(self, problem):
@@ -68,14 +69,15 @@ class System:
         chosen = [p for j, p in enumerate(points) if trigger.decide(None, 0, j)[0]]
         return chosen[:self.augment.max_insertions]
 
-    def rollouts(self, problems, group: int, sample: bool, grad: bool = False):
-        """Decode G answers per problem. grad=True keeps the learned trigger's decision log-probs
-        differentiable (reasoner and weaver are frozen then, so nothing else builds a graph)."""
-        prompts = [self.tok.encode(p.prompt) for p in problems for _ in range(group)]
+    def rollouts(self, problems, group: int, sample: bool, grad: bool = False) -> Completions:
+        """Decode G answers per problem (consecutive), scored by exact match. grad=True keeps the learned
+        trigger's decision log-probs differentiable (reasoner and weaver are frozen then, so nothing
+        else builds a graph)."""
+        repeated = [p for p in problems for _ in range(group)]
         with torch.set_grad_enabled(grad):
-            return prompts, generate(self.reasoner, self.weaver, prompts, self.augment, self.trigger, self.delims,
-                                     self.cfg.train.max_new_tokens, self.tok.eos_id, sample=sample,
-                                     temperature=self.cfg.train.temperature)
+            return score_completions(self.reasoner, self.weaver, self.tok, repeated, self.augment, self.trigger,
+                                     self.delims, self.cfg.train.max_new_tokens, self.cfg.data.answer_pattern,
+                                     sample=sample, temperature=self.cfg.train.temperature)
 
 
 def sft_loss(system: System, problems) -> torch.Tensor:
@@ -87,7 +89,7 @@ def sft_loss(system: System, problems) -> torch.Tensor:
                                system.augment))
     embeds, labels, mask = batch_splices(examples)
     logp = token_log_probs(system.reasoner, embeds, labels, mask)
-    n = (labels[:, 1:] != -100).sum()
+    n = (shift_labels(labels) != IGNORE_INDEX).sum()
     return -logp.sum() / n
 
 
@@ -95,21 +97,19 @@ def grpo_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
     """Sample G answers per problem, exact-match rewards, group advantages, clipped loss on the
     teacher-forced log-probs of the sampled tokens (with the rollout's insertion points)."""
     t = system.cfg.train
-    prompts, gen = system.rollouts(problems, t.group_size, sample=True)
-    texts = [system.tok.decode(tokens) for tokens in gen.tokens]
-    rewards = torch.tensor([float(is_correct(x, problems[i // t.group_size], system.cfg.data.answer_pattern))
-                            for i, x in enumerate(texts)])
+    done = system.rollouts(problems, t.group_size, sample=True)
+    rewards = torch.tensor([float(c) for c in done.correct])
     adv = group_advantages(rewards, t.group_size)
-    examples = [splice(system.reasoner, system.weaver, p, toks, ins, system.augment)
-                for p, toks, ins in zip(prompts, gen.tokens, gen.insertions)]
-    embeds, labels, mask = batch_splices(examples)
+    gen = done.generation
+    embeds, labels, mask = splice_completions(system.reasoner, system.weaver, done.prompts, gen.tokens,
+                                              gen.insertions, system.augment)
     logp = token_log_probs(system.reasoner, embeds, labels, mask)
-    token_mask = torch.roll(labels != -100, -1, dims=1) & (torch.arange(labels.shape[1]) < labels.shape[1] - 1)
+    token_mask = shift_labels(labels) != IGNORE_INDEX  # the positions that predict a sampled token
     logp_ref = None
     if system.reference is not None:
         with torch.no_grad():
-            ref = batch_splices([splice(system.reasoner, system.reference, p, toks, ins, system.augment)
-                                 for p, toks, ins in zip(prompts, gen.tokens, gen.insertions)])
+            ref = splice_completions(system.reasoner, system.reference, done.prompts, gen.tokens, gen.insertions,
+                                     system.augment)
             logp_ref = token_log_probs(system.reasoner, *ref)
     stats["reward"] = rewards.mean().item()
     system.last_rollout = ((embeds.detach(), labels, mask), rewards)
@@ -139,11 +139,10 @@ def head_step(system: System, optimizer, stats: dict) -> None:
 def trigger_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
     """REINFORCE with group baselines for the learned trigger: reward = exact match - cost x insertions."""
     t = system.cfg.train
-    prompts, gen = system.rollouts(problems, t.group_size, sample=False, grad=True)
-    rewards = torch.tensor([float(is_correct(system.tok.decode(toks), problems[i // t.group_size],
-                                             system.cfg.data.answer_pattern))
-                            - system.cfg.trigger.insertion_cost * len(gen.insertions[i])
-                            for i, toks in enumerate(gen.tokens)])
+    done = system.rollouts(problems, t.group_size, sample=False, grad=True)
+    gen = done.generation
+    rewards = torch.tensor([float(correct) - system.cfg.trigger.insertion_cost * len(inserted)
+                            for correct, inserted in zip(done.correct, gen.insertions)])
     adv = group_advantages(rewards, t.group_size, scale=False)  # the cost stays small next to a correct answer
     terms = [adv[i] * torch.stack(lp).sum() for i, lp in enumerate(gen.trigger_log_probs) if lp]
     stats["reward"] = rewards.mean().item()
@@ -157,10 +156,7 @@ def evaluate(system: System, problems, batch: int = 16) -> float:
     """Greedy exact-match accuracy with the system's augmentation and trigger."""
     correct = 0
     for i in range(0, len(problems), batch):
-        chunk = problems[i:i + batch]
-        _, gen = system.rollouts(chunk, 1, sample=False)
-        correct += sum(is_correct(system.tok.decode(toks), p, system.cfg.data.answer_pattern)
-                       for toks, p in zip(gen.tokens, chunk))
+        correct += sum(system.rollouts(problems[i:i + batch], 1, sample=False).correct)
     return correct / max(len(problems), 1)
 
 
@@ -184,30 +180,54 @@ def save_checkpoint(system, optimizer, out: Path, step: int, keep_last: int, hea
                                                        "world_size": dist.get_world_size()}, keep_last, write)
 
 
-def run(cfg: PostConfig) -> System:
-    """Train as configured. Data parallel over the ranks of `deepspeed launch/posttrain.sh` (ZeRO-0:
-    the trainable modules are small), or one process."""
-    import deepspeed
+class PostTrainer(TrainLoop):
+    """Weaver SFT / GRPO (+ joint head) or trigger training on runtime.trainer.TrainLoop's schedule
+    (save every N steps and at the end, preemption). Data parallel over the ranks of
+    `deepspeed launch/posttrain.sh` (ZeRO-0: the trainable modules are small), or one process."""
 
-    rank, world = init_distributed()
-    torch.manual_seed(cfg.train.seed)  # identical initial weaver on every rank
-    system = System(cfg)
-    t, out = cfg.train, Path(cfg.train.output_dir)
-    module = system.trigger if t.mode == "trigger" else system.weaver
-    if t.mode == "trigger":
-        system.weaver.requires_grad_(False)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    head_optimizer = torch.optim.AdamW(system.head.parameters(), lr=t.head_lr) if system.head is not None else None
-    problems = load_problems(cfg.data.train, cfg.data.max_train, "train", cfg.train.seed)
-    step = 0
-    ckpt = checkpoint.find_resume(out) if t.resume == "auto" else (Path(t.resume) if t.resume != "none" else None)
-    if ckpt is not None:
+    def __init__(self, cfg: PostConfig):
+        import deepspeed
+
+        self.rank, self.world = init_distributed()
+        torch.manual_seed(cfg.train.seed)  # identical initial weaver on every rank
+        self.cfg, self.system = cfg, System(cfg)
+        t, system = cfg.train, self.system
+        self.out, self.max_steps, self.save_every = Path(t.output_dir), t.max_steps, t.save_every
+        module = system.trigger if t.mode == "trigger" else system.weaver
+        if t.mode == "trigger":
+            system.weaver.requires_grad_(False)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.head_optimizer = (torch.optim.AdamW(system.head.parameters(), lr=t.head_lr)
+                               if system.head is not None else None)
+        self.problems = load_problems(cfg.data.train, cfg.data.max_train, "train", t.seed)
+        self.state = LoopState()
+        ckpt = checkpoint.find_resume(self.out) if t.resume == "auto" else (Path(t.resume) if t.resume != "none" else None)
+        if ckpt is not None:
+            self.resume(ckpt, optimizer)
+        torch.manual_seed(t.seed + 7919 * (self.rank + 1))  # rollouts differ across ranks
+        if ckpt is not None and (ckpt / f"rng_rank{self.rank}.pt").exists():
+            checkpoint.set_rng_state(torch.load(ckpt / f"rng_rank{self.rank}.pt", weights_only=False))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config={
+            "train_batch_size": t.batch_size * self.world, "train_micro_batch_size_per_gpu": t.batch_size,
+            "gradient_accumulation_steps": 1, "gradient_clipping": t.grad_clip, "zero_optimization": {"stage": 0},
+            "steps_per_print": 10**9})
+        self.log_file = None
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            print(f"posttrain {t.mode}: world {self.world}, {sum(p.numel() for p in params):,} trainable parameters"
+                  + (f", resumed from {ckpt} (step {self.state.step})" if ckpt else ""), flush=True)
+            self.log_file = open(self.out / "metrics.jsonl", "a")
+        self.order = torch.randperm(len(self.problems), generator=torch.Generator().manual_seed(t.seed)).tolist()
+
+    def resume(self, ckpt: Path, optimizer) -> None:
+        """The trainable modules, optimizer states and step of a verified checkpoint of this reasoner."""
+        system = self.system
         checkpoint.verify(ckpt)
         state = checkpoint.read_state(ckpt)
-        if state["reasoner"] != cfg.reasoner.path:
+        if state["reasoner"] != self.cfg.reasoner.path:
             raise ReasonerError(f"checkpoint {ckpt} was trained with reasoner {state['reasoner']}, not "
-                                f"{cfg.reasoner.path}; point reasoner.path at it or start a new output_dir")
+                                f"{self.cfg.reasoner.path}; point reasoner.path at it or start a new output_dir")
         system.weaver.load(ckpt)
         if (ckpt / "trigger.safetensors").exists() and isinstance(system.trigger, torch.nn.Module):
             system.trigger.load_state_dict(load_file(ckpt / "trigger.safetensors"))
@@ -215,24 +235,14 @@ def run(cfg: PostConfig) -> System:
         optimizer.load_state_dict(saved["optimizer"])
         if system.head is not None:
             system.head.load_state_dict(load_head(ckpt / "head").state_dict())
-            head_optimizer.load_state_dict(saved["head_optimizer"])
-        step = state["step"]
-    torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # rollouts differ across ranks
-    if ckpt is not None and (ckpt / f"rng_rank{rank}.pt").exists():
-        checkpoint.set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False))
-    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config={
-        "train_batch_size": t.batch_size * world, "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": 1, "gradient_clipping": t.grad_clip, "zero_optimization": {"stage": 0},
-        "steps_per_print": 10**9})
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"posttrain {t.mode}: world {world}, {sum(p.numel() for p in params):,} trainable parameters"
-              + (f", resumed from {ckpt} (step {step})" if ckpt else ""), flush=True)
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(t.seed)).tolist()
-    while step < t.max_steps:
-        start = (step * world + rank) * t.batch_size
-        batch = [problems[order[(start + i) % len(order)]] for i in range(t.batch_size)]
+            self.head_optimizer.load_state_dict(saved["head_optimizer"])
+        self.state.step = state["step"]
+
+    def train_step(self) -> dict:
+        """One optimizer step on this rank's share of the next problems; the record averaged over ranks."""
+        t, system, step = self.cfg.train, self.system, self.state.step
+        start = (step * self.world + self.rank) * t.batch_size
+        batch = [self.problems[self.order[(start + i) % len(self.order)]] for i in range(t.batch_size)]
         stats = {}
         if t.mode == "sft":
             loss = sft_loss(system, batch)
@@ -240,25 +250,42 @@ def run(cfg: PostConfig) -> System:
             loss = grpo_step_loss(system, batch, stats)
         else:
             loss = trigger_step_loss(system, batch, stats)
-        engine.backward(loss)
-        engine.step()
+        self.engine.backward(loss)
+        self.engine.step()
         if system.head is not None:
-            head_step(system, head_optimizer, stats)
-        step += 1
+            head_step(system, self.head_optimizer, stats)
+        self.state.step += 1
         reduced = torch.tensor([loss.item(), *stats.values()], dtype=torch.float64)
         dist.all_reduce(reduced)
-        record = {"step": step, **dict(zip(["loss", *stats], (reduced / world).tolist()))}
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if step % t.log_every == 0 or step == 1:
-                print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-                      flush=True)
-        if step % t.save_every == 0 or step == t.max_steps:
-            save_checkpoint(system, optimizer, out, step, t.keep_last, head_optimizer)
-    if log is not None:
-        log.close()
-    return system
+        return {"step": self.state.step, **dict(zip(["loss", *stats], (reduced / self.world).tolist()))}
+
+    def log(self, record: dict, seconds: float) -> None:
+        if self.log_file is None:
+            return
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        if record["step"] % self.cfg.train.log_every == 0 or record["step"] == 1:
+            print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                  flush=True)
+
+    def save(self) -> None:
+        save_checkpoint(self.system, self.optimizer, self.out, self.state.step, self.cfg.train.keep_last,
+                        self.head_optimizer)
+
+    def finish(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+
+    def stop(self, message: str) -> None:
+        super().stop(message)
+        self.finish()
+
+
+def run(cfg: PostConfig) -> System:
+    """Train as configured; returns the trained system (for tests and experiments)."""
+    trainer = PostTrainer(cfg)
+    trainer.train()
+    return trainer.system
 
 
 def main(argv=None):

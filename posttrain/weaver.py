@@ -8,7 +8,8 @@ causal LM (the weaver LM; by default a copy of the reasoner) encodes the whole s
 last hidden states at the query positions are mapped back by Linear(d_w -> d_r).
 
 Trainable: LoRA, queries, LayerNorms, scales, both projections. Saved alone (safetensors) with a
-small JSON naming the reasoner.
+small JSON naming the reasoner (weaver.json: the WeaverConfig less init_from; the same dataclass is
+the `weaver:` section of the post-training config).
 """
 
 import copy
@@ -20,20 +21,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .reasoner import ReasonerError, freeze, hidden_size, last_hidden
+from .reasoner import ReasonerError, forward_embeds, freeze, hidden_size, last_hidden
 
 KINDS = ("prompt", "inference")
 
 
 @dataclass
 class WeaverConfig:
+    """The weaver's settings; also the `weaver:` section of the post-training config (posttrain/config.py)."""
     num_latents: int = 8  # K
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
-    reasoner: str = ""  # path of the reasoner the weaver was trained for
-    reasoner_hidden_size: int = 0
+    reasoner: str = ""  # path of the reasoner the weaver was trained for (training sets it: reasoner.path)
+    reasoner_hidden_size: int = 0  # set by Weaver from the reasoner
+    init_from: str | None = None  # a saved weaver folder to start from (the config's; not saved in weaver.json)
 
 
 class Weaver(nn.Module):
@@ -63,9 +66,7 @@ class Weaver(nn.Module):
         queries = self.scales[kind] * self.norms[kind](self.queries[kind]).to(context.dtype)
         seq = torch.cat([self.proj_in(context), queries.expand(B, K, -1)], 1)
         full_mask = torch.cat([mask, mask.new_ones(B, K)], 1)
-        positions = (full_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = self.lm(inputs_embeds=seq, attention_mask=full_mask, position_ids=positions, output_hidden_states=True,
-                      use_cache=False)
+        out = forward_embeds(self.lm, seq, full_mask, output_hidden_states=True)
         return self.proj_out(last_hidden(out)[:, -K:])
 
     def trainable_state_dict(self) -> dict:
@@ -75,7 +76,8 @@ class Weaver(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.trainable_state_dict(), folder / "weaver.safetensors")
-        (folder / "weaver.json").write_text(json.dumps(asdict(self.config), indent=2))
+        saved = {k: v for k, v in asdict(self.config).items() if k != "init_from"}  # the format of earlier weavers
+        (folder / "weaver.json").write_text(json.dumps(saved, indent=2))
 
     def load(self, folder: str | Path) -> None:
         """Load trainable weights saved by `save`, refusing a checkpoint made for another reasoner."""

@@ -4,6 +4,8 @@ synthetic tasks at every exit depth (plus the learned-gate exit). Collective: ev
 import torch
 import torch.distributed as dist
 
+from looplm import left_pad
+
 from .data.synthetic import exact_match
 
 
@@ -38,12 +40,8 @@ def task_accuracy(model, tokenizer, tasks: dict, max_prompts: int, device, sync:
         mine = items[rank * share:(rank + 1) * share]
         valid = len(mine)
         mine = mine + [items[0]] * (share - valid)  # padding rows, not counted
-        encoded = [tokenizer.encode(p) for p, _ in mine]
-        width = max(len(e) for e in encoded)
-        ids = torch.zeros(len(mine), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):  # left padding
-            ids[i, width - len(e):], mask[i, width - len(e):] = torch.tensor(e), 1
+        ids, mask = left_pad([tokenizer.encode(p) for p, _ in mine])
+        width = ids.shape[1]
         policies = [(str(t + 1), {"exit_at_step": t}) for t in range(T)] + [("gate", {})]
         for name, kw in policies:
             out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=4, min_new_tokens=4,

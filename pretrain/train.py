@@ -21,7 +21,7 @@ from looplm.objectives import shift_labels
 from runtime import checkpoint
 from runtime.config import ConfigError
 from runtime.distributed import init_distributed, is_rank0, rank_errors, shared_out, shutdown_distributed
-from runtime.trainer import TrainLoop
+from runtime.trainer import LoopState, TrainLoop
 
 from . import checkpoint as ds_checkpoint
 from .config import load_config, validate
@@ -96,10 +96,9 @@ def verify_data(indexed, d) -> None:
 
 
 @dataclass
-class TrainerState:
+class TrainerState(LoopState):
     """What a checkpoint carries besides DeepSpeed's files (trainer_state.json)."""
 
-    step: int = 0
     consumed_samples: int = 0  # sequences drawn from the training set: where the sampler resumes
     tokens_seen: int = 0  # target tokens trained on
     guard: dict = field(default_factory=dict)  # LossGuard state

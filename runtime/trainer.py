@@ -8,6 +8,7 @@ A subclass sets `state` (with `.step`), `rank`, `max_steps`, `save_every` and op
 
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,11 @@ class Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
 
 
 class TrainLoop:

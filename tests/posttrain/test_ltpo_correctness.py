@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from helpers.reasoners import tiny_reasoner
 from posttrain.correctness import CorrectnessHead, auroc, calibration_error, head_inputs, load_head, train_head
-from posttrain.ltpo import LTPOConfig, confidence, confidence_reward, optimize, prompt_embeds
+from posttrain.ltpo import LTPOConfig, confidence, confidence_reward, optimize
+from posttrain.reasoner import prompt_embeds
 
 
 def test_confidence_equals_an_independent_computation():

@@ -88,6 +88,35 @@ def test_resume_is_exact(reasoner_dir, tmp_path, mode, kl):
                      "manifest.json"}
 
 
+def test_sigterm_saves_at_the_end_of_the_step_and_the_run_resumes_exactly(reasoner_dir, tmp_path):
+    """Preemption (runtime.trainer.TrainLoop, shared with pretraining): SIGTERM during step 2 saves
+    step 2 and stops; the resumed run ends where an uninterrupted one does."""
+    import os
+    import signal
+
+    from posttrain.train import PostTrainer
+
+    straight = run(config(reasoner_dir, tmp_path / "straight", **{"train.max_steps": 4}))
+    trainer = PostTrainer(config(reasoner_dir, tmp_path / "split", **{"train.max_steps": 4}))
+    step = trainer.train_step
+
+    def step_with_sigterm():
+        if trainer.state.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step()
+
+    trainer.train_step = step_with_sigterm
+    try:
+        assert trainer.train() is False  # stopped early
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "step_2"
+    resumed = run(config(reasoner_dir, tmp_path / "split", **{"train.max_steps": 4}))
+    a, b = straight.weaver.trainable_state_dict(), resumed.weaver.trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_joint_correctness_head_on_grpo_rollouts_resumes_exactly(reasoner_dir, tmp_path):
     from posttrain.correctness import load_head
 
