@@ -143,6 +143,12 @@ class ConfigArguments:
         action = self.parser.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} {note}".lstrip(), **kwargs)
         self.keys[action.dest] = key
 
+    def add_models(self, weaver_help: str) -> None:
+        """--reasoner, --tokenizer and --weaver, which every post-training command takes."""
+        self.add("--reasoner", "reasoner.path")
+        self.add("--tokenizer", "reasoner.tokenizer")
+        self.add("--weaver", "weaver.init_from", help=weaver_help)
+
     def parse(self, argv=None) -> tuple[argparse.Namespace, PostConfig]:
         """Parse the command line; the flags set in `args` hold their config values then."""
         args = self.parser.parse_intermixed_args(argv)

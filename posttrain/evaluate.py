@@ -209,9 +209,7 @@ def arguments(argv=None):
     """(args, config) of the command line: each flag that sets a config key holds its config value."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config = ConfigArguments(p)
-    config.add("--reasoner", "reasoner.path")
-    config.add("--tokenizer", "reasoner.tokenizer")
-    config.add("--weaver", "weaver.init_from", help="the SFT weaver (a saved weaver folder)")
+    config.add_models(weaver_help="the SFT weaver (a saved weaver folder)")
     p.add_argument("--grpo-weaver", default=None, help="the weaver after GRPO")
     config.add("--trigger", "trigger.init_from",
                help="a learned trigger: a posttrain checkpoint with trigger.safetensors")

@@ -67,9 +67,7 @@ def arguments(argv=None):
     """(args, config) of the command line: each flag that sets a config key holds its config value."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config = ConfigArguments(p)
-    config.add("--reasoner", "reasoner.path")
-    config.add("--tokenizer", "reasoner.tokenizer")
-    config.add("--weaver", "weaver.init_from", help="a saved weaver folder")
+    config.add_models(weaver_help="a saved weaver folder")
     config.add("--data", "data.train", help="GSM8K-format jsonl or synthetic:<task>")
     config.add("--problems", "head.problems", type=int)
     config.add("--samples", "head.samples", type=int, help="completions per problem (1 greedy + sampled)")
