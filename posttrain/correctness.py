@@ -51,23 +51,42 @@ class _Stream(nn.Module):
         return self.out(summary.flatten(1))
 
 
+def summary_statistics(token_stats: list[torch.Tensor]) -> torch.Tensor:
+    """Per completion: mean p, mean and min log p, mean and max entropy of its tokens -> (B, 5)."""
+    rows = []
+    for s in token_stats:
+        s = s.float()
+        logp = s[:, 1].clamp_min(-30.0)
+        rows.append(torch.stack([s[:, 0].mean(), logp.mean(), logp.min(), s[:, 2].mean(), s[:, 2].max()]))
+    return torch.stack(rows)
+
+
 class CorrectnessHead(nn.Module):
     """draft_tokens: how much of a completion the head reads (None = all of it, 0 = prompt and latents
-    only); it predicts the correctness of the full completion either way (Correctness-LTPO's cost)."""
+    only); it predicts the correctness of the full completion either way (Correctness-LTPO's cost).
+    summary: the confidence stream also reads `summary_statistics` of the whole token sequence through
+    a linear map (added to its pooled output). Without it, on the 0.5M-parameter word-problem reasoner
+    the trained head (held-out AUROC 0.74) lost to the untrained mean token log-prob alone (0.84):
+    pooling and convolutions did not recover a sequence mean from a few thousand examples."""
 
-    def __init__(self, hidden_size: int, width: int | None = None, draft_tokens: int | None = None):
+    def __init__(self, hidden_size: int, width: int | None = None, draft_tokens: int | None = None,
+                 summary: bool = True):
         super().__init__()
         w = width or max(32, min(512, hidden_size // 4))
-        self.hidden_size, self.width, self.draft_tokens = hidden_size, w, draft_tokens
+        self.hidden_size, self.width, self.draft_tokens, self.summary = hidden_size, w, draft_tokens, summary
         self.hidden = _Stream(hidden_size, w, seeds=3)
         self.confidence = _Stream(3, w // 2, seeds=2)
+        self.summary_proj = nn.Linear(5, w // 2) if summary else None
         self.gates = nn.ModuleList([nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 1)),
                                     nn.Sequential(nn.LayerNorm(w // 2), nn.Linear(w // 2, 1))])
         self.mlp = nn.Sequential(nn.LayerNorm(w + w // 2), nn.Linear(w + w // 2, w), nn.GELU(), nn.Linear(w, 1))
 
     def forward(self, hidden: list[torch.Tensor], token_stats: list[torch.Tensor]) -> torch.Tensor:
         """hidden: B x (L_i, d) final hidden states; token_stats: B x (C_i, 3) -> logits (B,)."""
-        streams = [self.hidden(hidden), self.confidence(token_stats)]
+        confidence = self.confidence(token_stats)
+        if self.summary_proj is not None:
+            confidence = confidence + self.summary_proj(summary_statistics(token_stats))
+        streams = [self.hidden(hidden), confidence]
         gates = torch.softmax(torch.cat([g(s) for g, s in zip(self.gates, streams)], -1), -1)
         fused = torch.cat([s * gates[:, i:i + 1] for i, s in enumerate(streams)], -1)
         return self.mlp(fused).squeeze(-1)
@@ -77,7 +96,7 @@ class CorrectnessHead(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "head.safetensors")
         (folder / "head.json").write_text(json.dumps({"hidden_size": self.hidden_size, "width": self.width,
-                                                      "draft_tokens": self.draft_tokens}))
+                                                      "draft_tokens": self.draft_tokens, "summary": self.summary}))
 
 
 def load_head(folder, hidden_size: int | None = None) -> CorrectnessHead:
@@ -88,7 +107,8 @@ def load_head(folder, hidden_size: int | None = None) -> CorrectnessHead:
     if hidden_size is not None and meta["hidden_size"] != hidden_size:
         raise ReasonerError(f"correctness head {folder} reads hidden size {meta['hidden_size']}, the reasoner has "
                             f"{hidden_size}; train a head for this reasoner")
-    head = CorrectnessHead(meta["hidden_size"], meta["width"], meta.get("draft_tokens"))
+    head = CorrectnessHead(meta["hidden_size"], meta["width"], meta.get("draft_tokens"),
+                           meta.get("summary", False))  # heads saved before the summary statistics existed
     head.load_state_dict(load_file(folder / "head.safetensors"))
     return head
 

@@ -1,5 +1,8 @@
 """LTPO (reward, update, weights untouched, early stop) and the correctness head."""
 
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +192,19 @@ def test_head_training_keeps_the_weights_with_the_best_validation_auroc():
     train_head(selected, train, steps=30, lr=3e-3, valid=valid, eval_every=10)
     assert valid_auroc(selected) == max(scores)
     assert len(set(scores)) > 1  # the evaluations differ, so the selection is exercised
+
+
+def test_summary_statistics_and_heads_saved_before_them_still_load(tmp_path):
+    from posttrain.correctness import summary_statistics
+
+    stats = torch.tensor([[0.5, math.log(0.5), 0.7], [0.25, math.log(0.25), 1.1], [1.0, 0.0, 0.0]])
+    got = summary_statistics([stats])[0]
+    want = [(0.5 + 0.25 + 1.0) / 3, (math.log(0.5) + math.log(0.25)) / 3, math.log(0.25), 1.8 / 3, 1.1]
+    assert torch.allclose(got, torch.tensor(want), atol=1e-6)
+    old = CorrectnessHead(16, summary=False)
+    old.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "head.json").read_text())
+    del meta["summary"]  # what a head saved before summary statistics existed carries
+    (tmp_path / "old" / "head.json").write_text(json.dumps(meta))
+    loaded = load_head(tmp_path / "old")
+    assert loaded.summary_proj is None and set(loaded.state_dict()) == set(old.state_dict())
