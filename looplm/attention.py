@@ -1,6 +1,8 @@
 """Attention behind one function: FlashAttention (varlen for packed documents) on a GPU when
-installed, PyTorch SDPA otherwise. The mask is described once per forward (`AttentionMask`) and
-shared by all N x T layer applications.
+installed; PyTorch FlexAttention for packed documents on a GPU without flash-attn (a document-causal
+block mask, compiled); PyTorch SDPA otherwise. The mask is described once per forward
+(`AttentionMask`) and shared by all N x T layer applications; the dense (B, 1, S, S) form of a
+packed mask is built only if the SDPA path asks for it.
 
 Masks cover three cases: plain causal; causal with left padding (2-D `attention_mask`, batched
 generation); packed documents (position ids restart at 0 per document, no cache), where no token
@@ -17,30 +19,72 @@ try:  # optional GPU dependency (requirements-gpu.txt)
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = flash_attn_varlen_func = None
 
+try:  # PyTorch >= 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - depends on the torch release
+    create_block_mask = flex_attention = None
+
+_compiled_flex = None
+
 
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     return flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
+def _flex(q, k, v, block_mask, enable_gqa):
+    """FlexAttention, compiled on a GPU (its eager form is a slow reference; on CPU it is what tests use)."""
+    global _compiled_flex
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 @dataclass
 class AttentionMask:
-    """What a query may see. Exactly one of the fields describes the case:
+    """What a query may see:
 
     * nothing set: causal, queries are the last q_len of the keys (bottom-right aligned).
     * `dense` (B, 1, q, k) bool: explicit mask (padding); True = attend.
-    * `cu_seqlens` (D + 1,) int32 + `max_seqlen`: packed documents in a (1, S) row, for flash;
-      `dense` is also set for the SDPA path.
+    * `docs` (B, S) document index per token: packed documents, causal within each, no cache; with
+      `cu_seqlens` (D + 1,) int32 + `max_seqlen` for flash varlen. `dense` and `block_mask()` (flex)
+      derive from `docs` on first use and are kept for the other layer applications.
     """
 
     dense: torch.Tensor | None = None
+    docs: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
+    _block_mask: object = None
+
+    def dense_mask(self) -> torch.Tensor | None:
+        """The (B, 1, q, k) boolean mask of the SDPA path (None: plain causal)."""
+        if self.dense is None and self.docs is not None:
+            d = self.docs
+            causal = torch.ones(d.shape[1], d.shape[1], dtype=torch.bool, device=d.device).tril()
+            self.dense = ((d[:, :, None] == d[:, None, :]) & causal)[:, None]
+        return self.dense
+
+    def block_mask(self):
+        """FlexAttention's document-causal block mask (packed documents only)."""
+        if self._block_mask is None:
+            docs = self.docs
+
+            def document_causal(b, h, q_idx, kv_idx):
+                return (docs[b, q_idx] == docs[b, kv_idx]) & (q_idx >= kv_idx)
+
+            self._block_mask = create_block_mask(document_causal, docs.shape[0], None, docs.shape[1], docs.shape[1],
+                                                 device=docs.device)
+        return self._block_mask
 
     def rows(self, index: torch.Tensor | None) -> "AttentionMask":
         """The mask restricted to batch rows `index` (None = all)."""
-        if index is None or self.dense is None:
+        if index is None or (self.dense is None and self.docs is None):
             return self
-        return AttentionMask(self.dense[index])  # cu_seqlens describe all rows: SDPA takes the subset
+        if self.docs is not None:  # cu_seqlens describe all rows: the subset goes to SDPA or flex
+            return AttentionMask(docs=self.docs[index])
+        return AttentionMask(self.dense[index])
 
 
 def left_pad(sequences: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,12 +137,10 @@ def build_attention_mask(q_len: int, past_len: int, attention_mask: torch.Tensor
     if position_ids is not None and past_len == 0:
         docs = document_ids(position_ids)
         if docs is not None:
-            same_doc = docs[:, :, None] == docs[:, None, :]
-            causal = torch.ones(q_len, q_len, dtype=torch.bool, device=docs.device).tril()
             lengths = torch.unique_consecutive(docs.flatten() + docs.shape[1] * torch.arange(
                 docs.shape[0], device=docs.device).repeat_interleave(docs.shape[1]), return_counts=True)[1]
             cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-            return AttentionMask(dense=(same_doc & causal)[:, None], cu_seqlens=cu, max_seqlen=int(lengths.max()))
+            return AttentionMask(docs=docs, cu_seqlens=cu, max_seqlen=int(lengths.max()))
     return AttentionMask()
 
 
@@ -106,13 +148,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
     """Scaled dot-product attention with grouped-query heads.
 
     q: (B, H, q, h); k, v: (B, K, k, h) with H a multiple of K. Returns (B, q, H, h).
-    backend: "auto" | "sdpa" | "flash"; flash handles the causal and packed cases, padding masks go to SDPA.
+    backend: "auto" | "sdpa" | "flash" | "flex". flash handles the causal and packed cases; flex the
+    packed case (auto: on a GPU without flash-attn); padding masks and the rest go to SDPA.
     """
-    use_flash = backend != "sdpa" and flash_available(q.device, q.dtype) and (
+    use_flash = backend in ("auto", "flash") and flash_available(q.device, q.dtype) and (
         mask.dense is None or mask.cu_seqlens is not None)
     if backend == "flash" and not use_flash and not flash_available(q.device, q.dtype):
         raise RuntimeError("attention_backend='flash' needs flash-attn installed and fp16/bf16 tensors on a GPU; "
                            "install requirements-gpu.txt or use attention_backend='auto'")
+    if backend == "flex" and flex_attention is None:
+        raise RuntimeError("attention_backend='flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5); "
+                           "use attention_backend='auto'")
+    gqa = q.shape[1] != k.shape[1]
+    packed = mask.docs is not None and q.shape[2] == k.shape[2]
+    if not use_flash and packed and flex_attention is not None and (
+            backend == "flex" or (backend == "auto" and q.device.type == "cuda")):
+        return _flex(q, k, v, mask.block_mask(), gqa).transpose(1, 2)
     if use_flash:
         q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))  # (B, len, heads, h)
         if mask.cu_seqlens is not None:
@@ -120,9 +171,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
                                          mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen, causal=True)
             return out.view(q_.shape)
         return flash_attn_func(q_, k_, v_, causal=True)
-    gqa = q.shape[1] != k.shape[1]
-    if mask.dense is not None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+    dense = mask.dense_mask()
+    if dense is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa)
     elif q.shape[2] == k.shape[2]:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     elif q.shape[2] == 1:

@@ -4,7 +4,7 @@ from transformers import PretrainedConfig
 
 EXIT_POLICIES = ("auto", "last", "fixed", "threshold", "hidden_diff", "weighted")
 KV_SHARING_MODES = ("none", "last", "mean")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex")
 OBJECTIVES = ("stage1", "stage2")
 
 
@@ -19,9 +19,13 @@ class LoopLMConfig(PretrainedConfig):
     * `objective`: "stage1" (LM + gate, entropy-regularised expected loss) or "stage2"
       (gate only, BCE against the loss-improvement target with `stage2_k`, `stage2_gamma`).
     * `ce_chunk_size`: tokens per chunk of the per-pass LM head + cross-entropy.
+    * `loss_implementation`: "fused" (stage I's CE and its gradients computed chunk by chunk in the
+      forward pass, nothing recomputed) or "chunked" (the reference: per-pass chunked CE under
+      autograd, each chunk's logits recomputed in backward).
     * `kv_sharing`: decode-time KV sharing across passes ("none", "last", "mean").
     * `early_exit_hidden_diff`: epsilon of the hidden-state-difference exit (None = off).
-    * `attention_backend`: "auto" (FlashAttention when installed on a GPU, else SDPA).
+    * `attention_backend`: "auto" (FlashAttention when installed on a GPU; FlexAttention for packed
+      documents on a GPU without it; else SDPA), or "sdpa", "flash", "flex" explicitly.
     * `embedding_init_std`: std of the token embedding at random init (None = `initializer_range`,
       the official init). The sandwich norms add unit-RMS sub-layer outputs to the residual stream,
       so embeddings of std 0.02 are all but erased by the first sub-layer; small models trained
@@ -59,6 +63,7 @@ class LoopLMConfig(PretrainedConfig):
         stage2_k=50.0,
         stage2_gamma=0.005,
         ce_chunk_size=2048,
+        loss_implementation="fused",
         kv_sharing="none",
         attention_backend="auto",
         **kwargs,
@@ -92,6 +97,7 @@ class LoopLMConfig(PretrainedConfig):
         self.stage2_k = stage2_k
         self.stage2_gamma = stage2_gamma
         self.ce_chunk_size = ce_chunk_size
+        self.loss_implementation = loss_implementation
         self.kv_sharing = kv_sharing
         self.attention_backend = attention_backend
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -116,6 +122,8 @@ class LoopLMConfig(PretrainedConfig):
             bad("attention_backend", f"{self.attention_backend!r} is unknown", f"use one of {ATTENTION_BACKENDS}")
         if self.objective not in OBJECTIVES:
             bad("objective", f"{self.objective!r} is unknown", f"use one of {OBJECTIVES}")
+        if self.loss_implementation not in ("fused", "chunked"):
+            bad("loss_implementation", f"{self.loss_implementation!r} is unknown", "use 'fused' or 'chunked'")
         if self.ce_chunk_size < 1:
             bad("ce_chunk_size", f"{self.ce_chunk_size} < 1", "use a positive number of tokens")
 

@@ -24,9 +24,9 @@ from .attention import build_attention_mask, position_ids_from_mask
 from .cache import LoopCache
 from .compat import CACHE_NAME, cache_argument, output_cache
 from .config import LoopLMConfig
-from .exits import ExitPolicy, exit_distribution, resolve_exit_policy, select_exit_steps
+from .exits import ExitPolicy, exit_distribution, exit_entropy, resolve_exit_policy, select_exit_steps
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
-from .objectives import shift_labels, stage1_loss, stage2_gate_loss, token_cross_entropy
+from .objectives import fused_exit_ce, shift_labels, stage1_loss, stage2_gate_loss, token_cross_entropy
 
 
 @dataclass
@@ -263,7 +263,12 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         targets = shift_labels(labels)
         mask = targets != -100
         chunk = self.config.ce_chunk_size
-        if objective == "stage1":
+        if objective == "stage1" and self.config.loss_implementation == "fused" and torch.is_grad_enabled():
+            p = exit_distribution(gate_logits)
+            normalizer = mask.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch
+            expected_ce, step_ce = fused_exit_ce(hiddens, self.lm_head.weight, targets, p, normalizer, chunk)
+            loss = expected_ce - entropy_beta * (exit_entropy(p) * mask).sum() / normalizer
+        elif objective == "stage1":
             step_ce = torch.stack([token_cross_entropy(h, self.lm_head.weight, targets, chunk) for h in hiddens], -1)
             loss = stage1_loss(step_ce, gate_logits, mask, entropy_beta, num_items_in_batch)
         elif objective == "stage2":

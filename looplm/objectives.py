@@ -3,6 +3,10 @@
 * `token_cross_entropy`: per-token CE of one pass's LM head, in chunks, recomputing the chunk's
   logits in backward, so a (B, S, V) logit tensor is never materialised (nor saved) in training.
 * `stage1_loss`: sum_t p(t) CE_t - beta H(p), averaged over target tokens (paper Eq. 4).
+* `fused_exit_ce`: the first term of stage I, sum_t p(t) CE_t, with its gradients with respect to the
+  hidden states, the LM head and p computed chunk by chunk in the forward pass (the approach of
+  Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy, summed over the passes), so that
+  backward only scales stored gradients: no logits are kept and none are recomputed.
 * `stage2_gate_loss`: BCE of the continuation probability 1 - lambda_t against
   sigmoid(k (I_t - gamma)), I_t = max(0, CE_{t-1} - CE_t) detached (paper Eqs. 5-6).
 """
@@ -45,6 +49,69 @@ def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]
         pieces.append(checkpoint(_chunk_ce, hc, weight, yc, use_reentrant=False) if grad else _chunk_ce(hc, weight, yc))
     return out.masked_scatter(valid, torch.cat(pieces))
+
+
+class _FusedExitCE(torch.autograd.Function):
+    """loss = sum_{i,t} p[i, t] CE(h_t[i] @ W.T, y[i]) * scale; also returns CE (N, T), detached."""
+
+    @staticmethod
+    def forward(ctx, weight, p, targets, scale, chunk_size, *hiddens):
+        n, passes = targets.numel(), len(hiddens)
+        ce = torch.empty(n, passes, dtype=torch.float32, device=targets.device)
+        weights = (p.detach().float() * scale).contiguous()  # dLoss/dCE, known before the loss
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        grad_h = [torch.empty_like(h) if h.requires_grad else None for h in hiddens]
+        rows = torch.arange(min(chunk_size, n), device=targets.device)
+        for t, h in enumerate(hiddens):
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                hc, yc, r = h[start:end], targets[start:end], rows[:end - start]
+                logits = F.linear(hc, weight).float()
+                lse = torch.logsumexp(logits, -1)
+                ce[start:end, t] = lse - logits[r, yc]
+                if grad_w is None and grad_h[t] is None:
+                    continue
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[r, yc] -= 1.0
+                g.mul_(weights[start:end, t, None])
+                g = g.to(h.dtype)
+                if grad_h[t] is not None:
+                    grad_h[t][start:end] = g @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(g.t().float() if h.dtype != torch.float32 else g.t(), hc.float())
+        ctx.save_for_backward(ce, grad_w if grad_w is not None else torch.empty(0),
+                              *[g if g is not None else torch.empty(0) for g in grad_h])
+        ctx.scale, ctx.has_w, ctx.has_h = scale, grad_w is not None, [g is not None for g in grad_h]
+        ctx.weight_dtype, ctx.p_requires_grad = weight.dtype, p.requires_grad
+        ctx.mark_non_differentiable(ce)
+        return (p.detach().float() * ce).sum() * scale, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ce):
+        ce, grad_w, *grad_h = ctx.saved_tensors
+        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if ctx.has_w else None
+        gp = ce * (ctx.scale * grad_loss) if ctx.p_requires_grad else None
+        gh = [g * grad_loss.to(g.dtype) if has else None for g, has in zip(grad_h, ctx.has_h)]
+        return (gw, gp, None, None, None, *gh)
+
+
+def fused_exit_ce(hiddens: list[torch.Tensor], weight: torch.Tensor, targets: torch.Tensor, p: torch.Tensor,
+                  normalizer: float | torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum over target tokens and passes of p_t CE_t, divided by `normalizer`, and the per-token CE.
+
+    hiddens: T tensors (B, S, d) (each pass's final-norm output); weight: (V, d) LM head; targets:
+    (B, S) shifted, IGNORE_INDEX where ignored; p: (B, S, T) exit probabilities (gradients flow to them
+    through dLoss/dp = CE / normalizer). Returns (loss, CE (B, S, T) fp32 with 0 at ignored positions,
+    detached). Gradients equal autograd's of the plain formula; memory: one (chunk, V) fp32 block at a
+    time plus the stored gradients (T x targets x d, and V x d fp32 for the head).
+    """
+    valid = targets != IGNORE_INDEX
+    y = targets[valid]
+    scale = 1.0 / (normalizer.float() if torch.is_tensor(normalizer) else float(normalizer))
+    loss, ce = _FusedExitCE.apply(weight, p[valid], y, scale, chunk_size, *[h[valid] for h in hiddens])
+    full = torch.zeros(*targets.shape, len(hiddens), dtype=torch.float32, device=targets.device)
+    full[valid] = ce
+    return loss, full
 
 
 def stage1_loss(step_ce: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor, beta: float,
