@@ -281,3 +281,13 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             raise ValueError(f"objective={objective!r} is unknown; use 'stage1' or 'stage2'")
         step_losses = (step_ce.detach() * mask[..., None]).sum((0, 1)) / mask.sum().clamp_min(1)
         return loss, step_losses
+
+
+def compile_layers(model, **compile_kwargs):
+    """Regional compilation (torchtitan compiles per transformer block): `torch.compile` each of the N
+    shared layers in place, once; the same compiled code then serves all T passes. Parameter names
+    and checkpoints are unchanged; activation checkpointing wraps the compiled layer. Row counts vary
+    in early-exit decoding, so shapes are marked dynamic after the first change (torch's default)."""
+    for layer in getattr(model, "model", model).layers:
+        layer.compile(**compile_kwargs)
+    return model

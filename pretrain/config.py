@@ -67,6 +67,7 @@ class TrainConfig:
     zero_stage: int = 2
     bf16: bool = True
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each shared layer once (regional compilation; README: when it pays)
     seed: int = 1234
     save_every: int = 1000
     keep_last: int = 3

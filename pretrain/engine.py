@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from looplm import LoopLMConfig, LoopLMForCausalLM, preset_config
+from looplm import LoopLMConfig, LoopLMForCausalLM, compile_layers, preset_config
 
 from .config import RunConfig, deepspeed_config
 
@@ -25,6 +25,8 @@ def build_model(cfg: RunConfig) -> LoopLMForCausalLM:
         model = LoopLMForCausalLM(model_config(cfg))
     if cfg.train.activation_checkpointing:  # one checkpoint per (pass, layer) application
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        compile_layers(model)
     if cfg.ouro.objective == "stage2":  # stage II: the LM is frozen, only the exit gate trains
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("model.early_exit_gate."))

@@ -153,3 +153,18 @@ def test_a_multi_token_chunk_after_a_prefix_runs_every_pass():
     out = model(inputs_embeds=chunk, cache=cache, use_cache=True, exit_threshold=0.01)
     assert model.model.layer_token_applications == 3 * 4 * 2  # 3 positions x T passes x N layers
     assert (cache.exit_steps[0, 5:] == 3).all() and (out.exit_steps == 0).all()  # selection still per policy
+
+
+def test_compiled_layers_give_the_eager_logits_and_early_exit_tokens():
+    """Regional compilation (looplm.compile_layers): same logits as eager, and the same greedy tokens
+    under early exit, where the live row count changes from step to step."""
+    from looplm import compile_layers
+
+    eager = tiny_model()
+    compiled = compile_layers(tiny_model())
+    ids = torch.randint(0, 256, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, eager(ids, use_cache=False).logits,
+                                   atol=1e-4, rtol=1e-4)
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, exit_threshold=0.5)
+        assert torch.equal(compiled.generate(ids, **kw), eager.generate(ids, **kw))
