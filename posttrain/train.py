@@ -202,7 +202,7 @@ class PostTrainer(TrainLoop):
                                if system.head is not None else None)
         self.problems = load_problems(cfg.data.train, cfg.data.max_train, "train", t.seed)
         self.state = LoopState()
-        ckpt = checkpoint.find_resume(self.out) if t.resume == "auto" else (Path(t.resume) if t.resume != "none" else None)
+        ckpt = checkpoint.resolve_resume(t.resume, self.out)
         if ckpt is not None:
             self.resume(ckpt, optimizer)
         torch.manual_seed(t.seed + 7919 * (self.rank + 1))  # rollouts differ across ranks

@@ -186,7 +186,7 @@ class Trainer(TrainLoop):
         active = fault.nan_at_steps or any(v is not None for v in (fault.kill_at_step, fault.fail_at_step,
                                                                    fault.kill_in_save_at_step))
         self.hooks = (hooks or []) + ([FaultInjection(fault)] if active else [])
-        self.resume_from = self.find_resume()
+        self.resume_from = checkpoint.resolve_resume(cfg.train.resume, self.out_dir)
         saved = checkpoint.read_state(self.resume_from) if self.resume_from else {}
         universal = bool(saved) and saved["world_size"] != world and cfg.train.zero_stage > 0
 
@@ -221,17 +221,6 @@ class Trainer(TrainLoop):
                      "samples)" if self.resume_from else "from scratch")
             print(f"looplm pretrain: world {world}, ZeRO-{t.zero_stage}, "
                   f"{sum(p.numel() for p in self.model.parameters()):,} parameters, {where}", flush=True)
-
-    def find_resume(self) -> Path | None:
-        resume = self.cfg.train.resume
-        if resume == "auto":
-            return checkpoint.find_resume(self.out_dir)
-        if resume == "none":
-            return None
-        if not checkpoint.is_complete(Path(resume)):
-            raise ConfigError(f"config key train.resume: {resume} is not a complete checkpoint "
-                              f"(no {checkpoint.STATE_FILE})")
-        return Path(resume)
 
     def train(self):
         """Run to train.max_steps (or exit_at_step, preemption, exhausted data); returns the engine."""

@@ -119,6 +119,18 @@ def find_resume(output_dir) -> Path | None:
     return found
 
 
+def resolve_resume(resume: str, output_dir) -> Path | None:
+    """The checkpoint config key train.resume asks for: auto (`find_resume`), none, or a folder that
+    must be a complete checkpoint."""
+    if resume == "auto":
+        return find_resume(output_dir)
+    if resume == "none":
+        return None
+    if not is_complete(Path(resume)):
+        raise ConfigError(f"config key train.resume: {resume} is not a complete checkpoint (no {STATE_FILE})")
+    return Path(resume)
+
+
 def named_by_latest(root: Path) -> Path:
     """The checkpoint `root/latest` names (pretraining or post-training); a missing or incomplete one
     is an error that lists the complete checkpoints to resume instead."""
