@@ -8,6 +8,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import AttentionMask, attention
+from .cache import CacheSlot
 
 
 class RMSNorm(nn.Module):
@@ -73,25 +74,27 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         self.backend = config.attention_backend
 
-    def forward(self, x, rope, mask: AttentionMask, past=None, frozen=None):
-        """x (B, S, d); rope = (cos, sin); past = cached (k, v) (B, K, P, h) or None;
-        frozen = (tokens (B, S) bool, (k, v)): tokens that already exited keep these k/v (copy-forward).
-        Returns the attention output (B, S, d) and this call's new (k, v) (B, K, S, h)."""
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x, rope, mask: AttentionMask, cache: CacheSlot | None = None):
+        """x (R, S, d); rope = (cos, sin); cache: where this layer application's keys go and what it
+        attends to (None: this call's keys only). With `cache.rows` set, x holds those rows of a
+        batch of B; attention runs over all B rows' cached keys (read in place, no gather) and the
+        computed rows are kept. Returns the attention output (R, S, d)."""
+        R, S, _ = x.shape
+        q = self.q_proj(x).view(R, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(R, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(R, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if frozen is not None:
-            tokens, (k_old, v_old) = frozen
-            keep = tokens[:, None, :, None]
-            k, v = torch.where(keep, k_old, k), torch.where(keep, v_old, v)
-        new_kv = (k, v)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        out = attention(q, k, v, mask, self.backend).reshape(B, S, -1)
-        return self.o_proj(out), new_kv
+        rows = None
+        if cache is not None:
+            k, v = cache.update(k, v)
+            rows = cache.rows
+            if rows is not None:
+                q = q.new_zeros(k.shape[0], *q.shape[1:]).index_copy_(0, rows, q)
+        out = attention(q, k, v, mask, self.backend)
+        if rows is not None:
+            out = out[rows]
+        return self.o_proj(out.reshape(R, S, -1))
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -107,8 +110,6 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.post_attention_layernorm_2 = RMSNorm(d, eps)
 
-    def forward(self, x, rope=None, mask=None, past=None, frozen=None):
-        a, new_kv = self.self_attn(self.input_layernorm(x), rope, mask, past, frozen)
-        x = x + self.input_layernorm_2(a)
-        x = x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
-        return x, new_kv
+    def forward(self, x, rope=None, mask=None, cache=None):
+        x = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))

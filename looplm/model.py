@@ -21,7 +21,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .attention import build_attention_mask, position_ids_from_mask
-from .cache import LoopCache
+from .cache import CacheSlot, LoopCache
 from .compat import CACHE_NAME, cache_argument, output_cache
 from .config import LoopLMConfig
 from .exits import ExitPolicy, exit_distribution, exit_entropy, resolve_exit_policy, select_exit_steps
@@ -103,8 +103,6 @@ class LoopLMModel(LoopLMPreTrainedModel):
         T = num_steps or self.config.total_ut_steps
         if cache is None and use_cache:
             cache = LoopCache(self.config.num_hidden_layers, self.config.kv_sharing)
-        if cache is not None:
-            cache.check_steps(T)
         past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None:
@@ -116,8 +114,12 @@ class LoopLMModel(LoopLMPreTrainedModel):
         # Only single-token decode steps exit early: chunks (inserted latents, prompts) run every pass.
         truncate = exit_steps is not None or (past_len > 0 and S == 1 and exit_policy.is_online)
         skip = truncate and exit_skip
+        # Copy-forward within a chunk needs the chunk's keys per pass: a scratch cache when none is kept.
+        store = cache if cache is not None or not truncate else LoopCache(self.config.num_hidden_layers)
+        if store is not None:
+            store.reserve(T, B, S, self.config.num_key_value_heads, self.config.head_dim, h.dtype, h.device)
 
-        hiddens, gates, new_kv = [], [], []
+        hiddens, gates = [], []
         exited = None  # (B, S) tokens whose exit pass is behind us
         for t in range(T):
             rows = None
@@ -128,15 +130,15 @@ class LoopLMModel(LoopLMPreTrainedModel):
             if rows is not None and rows.numel() == 0:  # everyone has exited: copy-forward only
                 hiddens.append(hiddens[-1])
                 gates.append(gates[-1])
-                new_kv.append(new_kv[-1])
                 continue
-            step_kv, z = self._pass(h, t, rows, exited, new_kv[-1] if new_kv else None, cache, mask, rope)
+            # Exited tokens inside computed rows keep their exit-pass keys (none when each row is one live token).
+            frozen = None if exited is None or (skip and S == 1) else (exited if rows is None else exited[rows])
+            z = self._pass(h, t, rows, frozen, store, mask, rope)
             if exited is not None:
                 z = torch.where(exited[..., None], h, z)
             h = z
             hiddens.append(h)
             gates.append(self.early_exit_gate(h).squeeze(-1).float())
-            new_kv.append(step_kv)
             if truncate:
                 steps_now = exit_steps if exit_steps is not None else select_exit_steps(
                     exit_policy, torch.stack(gates, -1), hiddens, T)
@@ -144,34 +146,25 @@ class LoopLMModel(LoopLMPreTrainedModel):
 
         gate_logits = torch.stack(gates, -1)
         steps = exit_steps if exit_steps is not None else select_exit_steps(exit_policy, gate_logits, hiddens, T)
-        if cache is not None:
-            cache.append(new_kv, steps if truncate else torch.full_like(steps, T - 1))
+        if store is not None:
+            store.commit(steps if truncate else torch.full_like(steps, T - 1), truncate)
         return LoopLMModelOutput(hidden_states=tuple(hiddens), gate_logits=gate_logits, exit_steps=steps,
                                  **{CACHE_NAME: cache})
 
-    def _pass(self, h, t, rows, exited, last_kv, cache, mask, rope):
-        """One pass over the N layers for batch rows `rows` (None = all). Exited tokens keep the
-        keys/values of their exit pass. Returns the full-batch (k, v) per layer and the new state."""
+    def _pass(self, h, t, rows, frozen, cache, mask, rope):
+        """One pass over the N layers for batch rows `rows` (None = all) -> the full-batch new state.
+        With a cache, attention runs over every row's cached keys (read in place) and only the
+        computed rows' results are kept; their new keys are written in place."""
         def take(x):
             return x if rows is None or x.shape[0] == 1 else x[rows]
 
-        z = take(h)
-        r_mask, r_rope = mask.rows(rows), tuple(take(x) for x in rope)
-        r_exited = None if exited is None else take(exited)
-        step_kv = []
+        z, r_rope = take(h), tuple(take(x) for x in rope)
         for l, layer in enumerate(self.layers):
-            past = cache.past(t, l) if cache is not None else None
-            past = None if past is None else tuple(take(x) for x in past)
-            frozen = None if r_exited is None else (r_exited, tuple(take(x) for x in last_kv[l]))
-            z, kv = layer(z, rope=r_rope, mask=r_mask, past=past, frozen=frozen)
-            if rows is not None:
-                kv = tuple(full.index_copy(0, rows, part) for full, part in zip(last_kv[l], kv))
-            step_kv.append(kv)
+            slot = None if cache is None else CacheSlot(cache, t, l, rows, frozen)
+            z = layer(z, rope=r_rope, mask=mask, cache=slot)
             self.layer_token_applications += z.shape[0] * z.shape[1]
         z = self.norm(z)
-        if rows is not None:
-            z = h.index_copy(0, rows, z)
-        return step_kv, z
+        return z if rows is None else h.index_copy(0, rows, z)
 
 
 class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):

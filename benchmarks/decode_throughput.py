@@ -1,0 +1,169 @@
+"""Early-exit decoding benchmark (not a test): decode tokens/s of `generate` at full depth vs early
+exit with a CDF threshold that gives about half the passes, at several batch sizes, against the
+compute bound of the passes actually skipped. Decoding only: the clock runs from the first new token
+(which the prompt's prefill, identical in both, produces) to the last. Alternating repeats in one
+process, min and median.
+
+Compute bound: FLOPs per decoded token at full depth over FLOPs at the measured mean number of
+passes, with the LM head, the embedding row and attention over the mean context counted, so the
+best an implementation can do is `bound`; `share` = measured speedup / bound. The tokens of the
+early-exit run are checked against `exit_skip=False` (the same result computed densely).
+
+    python benchmarks/decode_throughput.py                                   # the issue-15 setting
+    python benchmarks/decode_throughput.py --batch 1 8 --prompt 256 --new-tokens 128 --repeats 5
+    python benchmarks/decode_throughput.py --model runs/smoke/hf --prompt 128   # a trained gate
+    python benchmarks/decode_throughput.py --preset ouro-1.4b --device cuda --dtype bfloat16
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from looplm import LoopCache, LoopLMForCausalLM, preset_config
+from looplm.compat import CACHE_NAME
+
+
+def build(args):
+    if args.model:
+        return LoopLMForCausalLM.from_pretrained(args.model).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    if args.preset == "tiny":
+        config = preset_config("tiny", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                               num_attention_heads=args.hidden // 32, num_key_value_heads=args.hidden // 32,
+                               head_dim=32, num_hidden_layers=args.layers, total_ut_steps=args.steps,
+                               kv_sharing=args.kv_sharing)
+    else:
+        config = preset_config(args.preset, kv_sharing=args.kv_sharing)
+    torch.manual_seed(0)
+    model = LoopLMForCausalLM(config)
+    # A freshly initialised gate gives almost the same logit to every token (every row would exit at
+    # the same pass); a gate whose logits spread with std `gate_std` over tokens makes rows exit at
+    # different passes, the case batched early exit has to handle (a trained gate does: --model).
+    if args.gate_std is not None:
+        torch.nn.init.normal_(model.model.early_exit_gate.weight, std=args.gate_std / config.hidden_size ** 0.5)
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+
+
+def half_depth_threshold(model, prompt) -> float:
+    """CDF threshold q whose exit pass averages T/2 over the prompt's tokens (bisection)."""
+    T = model.config.total_ut_steps
+    cdf = torch.cumsum(model(prompt, use_cache=False).exit_probs.float(), -1)[..., :-1].flatten(0, 1)
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        q = (lo + hi) / 2
+        passes = torch.where((cdf >= q).any(-1), (cdf >= q).float().argmax(-1) + 1, torch.full_like(cdf[:, 0], T))
+        lo, hi = (q, hi) if passes.float().mean() < T / 2 else (lo, q)
+    return q
+
+
+def token_flops(config, passes: float, context: float) -> float:
+    """Forward FLOPs of one decoded token: `passes` x N layers (matmuls + attention over `context`
+    keys), the LM head, and the embedding row (read, counted as d)."""
+    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * h, config.num_key_value_heads * h
+    layer = 2 * (d * q + 2 * d * kv + q * d + 3 * d * f) + 4 * context * q
+    return passes * config.num_hidden_layers * layer + 2 * d * config.vocab_size + d
+
+
+class Clock(StoppingCriteria):
+    """Timestamps every generated token (never stops generation)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def timed_generate(model, prompt, new_tokens, device, **kw):
+    """Greedy generation -> (tokens, seconds from the first new token to the last): decoding only,
+    the prompt's prefill (identical in every variant) is not timed."""
+    model.model.layer_token_applications = 0
+    clock = Clock(device)
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]), **kw)
+    return out, clock.times[-1] - clock.times[0]
+
+
+@torch.no_grad()
+def bench_batch(model, args, batch):
+    config, T, N = model.config, model.config.total_ut_steps, model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(batch)
+    prompt = torch.randint(0, config.vocab_size, (batch, args.prompt), generator=g).to(args.device)
+    q = half_depth_threshold(model, prompt)
+    variants = {"full_depth": {"exit_threshold": 1.0}, "early_exit": {"exit_threshold": q}}
+    for kw in variants.values():
+        timed_generate(model, prompt, 4, args.device, **kw)  # warm-up
+    seconds = {name: [] for name in variants}
+    outputs = {}
+    for _ in range(args.repeats):
+        for name, kw in variants.items():
+            outputs[name], s = timed_generate(model, prompt, args.new_tokens, args.device, **kw)
+            seconds[name].append(s)
+            if name == "early_exit":
+                applications = model.model.layer_token_applications
+    new = batch * (args.new_tokens - 1)  # timed: every new token after the first (which the prefill gives)
+    prefill = prompt.numel() * T * N
+    passes = (applications - prefill) / N / new
+    cache = LoopCache(N, config.kv_sharing)
+    dense, _ = timed_generate(model, prompt, args.new_tokens, args.device, exit_threshold=q, exit_skip=False,
+                              **{CACHE_NAME: cache})
+    exits = cache.exit_steps[:, args.prompt + 1:]  # the timed tokens' exit passes
+    context = args.prompt + args.new_tokens / 2
+    bound = token_flops(config, T, context) / token_flops(config, passes, context)
+    # Every row of a step waits for the deepest row of that step: the bound of lock-step decoding when
+    # a pass costs the same for any number of live rows (small batches are weight-bandwidth bound).
+    deepest = float((exits.max(0).values + 1).float().mean())
+    lockstep = token_flops(config, T, context) / token_flops(config, deepest, context)
+    rate = {name: [new / s for s in ss] for name, ss in seconds.items()}
+    speed_median = statistics.median(rate["early_exit"]) / statistics.median(rate["full_depth"])
+    return {
+        "batch": batch, "threshold": q, "mean_passes": passes,
+        "tokens_per_s": {name: {"min": min(r), "median": statistics.median(r)} for name, r in rate.items()},
+        "speedup_median": speed_median,
+        "speedup_min": min(rate["early_exit"]) / min(rate["full_depth"]),
+        "compute_bound": bound, "share_of_bound_median": speed_median / bound,
+        "mean_deepest_passes_per_step": deepest, "lockstep_bound": lockstep,
+        "tokens_equal_dense": bool(torch.equal(dense, outputs["early_exit"])),
+        "exit_pass_histogram": torch.bincount(exits.flatten(), minlength=T).tolist(),
+        "steps_with_rows_at_different_passes": float((exits.max(0).values != exits.min(0).values).float().mean()),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a saved model folder (e.g. runs/smoke/hf) instead of a random one")
+    p.add_argument("--preset", default="tiny", help="tiny (sized by the flags below), ouro-1.4b or ouro-2.6b")
+    p.add_argument("--gate-std", type=float, help="spread of the random gate's logits over tokens "
+                   "(default: as initialised, nearly the same exit pass for every token)")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4, help="T, passes per token")
+    p.add_argument("--kv-sharing", default="none", choices=("none", "last", "mean"))
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of full depth and early exit")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--output", help="also write the report to this JSON file")
+    args = p.parse_args()
+    model = build(args)
+    report = {"config": vars(args), "results": [bench_batch(model, args, b) for b in args.batch]}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
