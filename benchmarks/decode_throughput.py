@@ -22,15 +22,18 @@ import time
 
 import torch
 
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from looplm import LoopCache, LoopLMForCausalLM, preset_config
 from looplm.compat import CACHE_NAME
+from looplm.decode import generate_asynchronous
 
 
 def build(args):
     if args.model:
-        return LoopLMForCausalLM.from_pretrained(args.model).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+        model = LoopLMForCausalLM.from_pretrained(args.model)
+        model.config.kv_sharing = args.kv_sharing
+        return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     if args.preset == "tiny":
         config = preset_config("tiny", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                                num_attention_heads=args.hidden // 32, num_key_value_heads=args.hidden // 32,
@@ -69,36 +72,44 @@ def token_flops(config, passes: float, context: float) -> float:
     return passes * config.num_hidden_layers * layer + 2 * d * config.vocab_size + d
 
 
-class Clock(StoppingCriteria):
-    """Timestamps every generated token (never stops generation)."""
+class Clock(BaseStreamer):
+    """A streamer that timestamps what it receives: the prompt, each new token, the end."""
 
     def __init__(self, device):
         self.device, self.times = device, []
 
-    def __call__(self, input_ids, scores, **kwargs):
+    def put(self, value):
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def end(self):
+        self.put(None)
 
 
-def timed_generate(model, prompt, new_tokens, device, **kw):
+def timed_generate(model, prompt, new_tokens, device, asynchronous=False, **kw):
     """Greedy generation -> (tokens, seconds from the first new token to the last): decoding only,
     the prompt's prefill (identical in every variant) is not timed."""
     model.model.layer_token_applications = 0
     clock = Clock(device)
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]), **kw)
-    return out, clock.times[-1] - clock.times[0]
+    if asynchronous:
+        out = generate_asynchronous(model, prompt, new_tokens, streamer=clock, **kw)
+    else:
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0, streamer=clock, **kw)
+    return out, clock.times[-1] - clock.times[1]
 
 
 @torch.no_grad()
 def bench_batch(model, args, batch):
     config, T, N = model.config, model.config.total_ut_steps, model.config.num_hidden_layers
     g = torch.Generator().manual_seed(batch)
-    prompt = torch.randint(0, config.vocab_size, (batch, args.prompt), generator=g).to(args.device)
+    # Token 0 is generate()'s pad id: a prompt without it is not masked anywhere.
+    prompt = torch.randint(1, config.vocab_size, (batch, args.prompt), generator=g).to(args.device)
     q = half_depth_threshold(model, prompt)
     variants = {"full_depth": {"exit_threshold": 1.0}, "early_exit": {"exit_threshold": q}}
+    if config.kv_sharing == "last":  # pass-asynchronous decoding (looplm/decode.py) needs the "last" cache
+        variants["early_exit_async"] = {"exit_threshold": q, "asynchronous": True}
     for kw in variants.values():
         timed_generate(model, prompt, 4, args.device, **kw)  # warm-up
     seconds = {name: [] for name in variants}
@@ -123,15 +134,19 @@ def bench_batch(model, args, batch):
     deepest = float((exits.max(0).values + 1).float().mean())
     lockstep = token_flops(config, T, context) / token_flops(config, deepest, context)
     rate = {name: [new / s for s in ss] for name, ss in seconds.items()}
-    speed_median = statistics.median(rate["early_exit"]) / statistics.median(rate["full_depth"])
+    full = rate.pop("full_depth")
+    speedups = {name: {"median": statistics.median(r) / statistics.median(full), "min": min(r) / min(full)}
+                for name, r in rate.items()}
     return {
-        "batch": batch, "threshold": q, "mean_passes": passes,
-        "tokens_per_s": {name: {"min": min(r), "median": statistics.median(r)} for name, r in rate.items()},
-        "speedup_median": speed_median,
-        "speedup_min": min(rate["early_exit"]) / min(rate["full_depth"]),
-        "compute_bound": bound, "share_of_bound_median": speed_median / bound,
+        "batch": batch, "kv_sharing": config.kv_sharing, "threshold": q, "mean_passes": passes,
+        "tokens_per_s": {name: {"min": min(r), "median": statistics.median(r)} for name, r in
+                         {"full_depth": full, **rate}.items()},
+        "speedup": speedups, "compute_bound": bound,
+        "share_of_bound_median": {name: x["median"] / bound for name, x in speedups.items()},
         "mean_deepest_passes_per_step": deepest, "lockstep_bound": lockstep,
         "tokens_equal_dense": bool(torch.equal(dense, outputs["early_exit"])),
+        "async_tokens_equal_lockstep": (bool(torch.equal(outputs["early_exit_async"], outputs["early_exit"]))
+                                        if "early_exit_async" in outputs else None),
         "exit_pass_histogram": torch.bincount(exits.flatten(), minlength=T).tolist(),
         "steps_with_rows_at_different_passes": float((exits.max(0).values != exits.min(0).values).float().mean()),
     }
@@ -147,7 +162,8 @@ def main():
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=4, help="T, passes per token")
-    p.add_argument("--kv-sharing", default="none", choices=("none", "last", "mean"))
+    p.add_argument("--kv-sharing", default="last", choices=("none", "last", "mean"),
+                   help="the cache of every variant; pass-asynchronous decoding runs with 'last' only")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=128)

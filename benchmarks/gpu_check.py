@@ -13,8 +13,9 @@ Rows:
 2. training step (forward + backward + AdamW, one sequence): loss_implementation chunked / fused /
    fused + compiled layers; tokens/s, TFLOP/s and MFU counted over all T passes
    (pretrain.metrics.flops_per_token), peak memory.
-3. decoding, batch 1 and 8: full depth against early exit at a threshold that gives about half the
-   passes, tokens/s and the speedup (benchmarks/model_throughput.py's measurement).
+3. decoding, batch 1 and 8 ("last" KV sharing): full depth against early exit at a threshold that
+   gives about half the passes, lock-step (generate) and pass-asynchronous (looplm.decode), decode
+   tokens/s, speedups and the compute bound (benchmarks/decode_throughput.py's measurement).
 """
 
 import argparse
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.model_throughput import decode_bench  # noqa: E402
+from benchmarks.decode_throughput import bench_batch, build  # noqa: E402
 from looplm import LoopLMForCausalLM, compile_layers, preset_config  # noqa: E402
 from looplm.attention import attention, build_attention_mask, flash_attn_func, flex_attention  # noqa: E402
 from pretrain.metrics import flops_per_token  # noqa: E402
@@ -139,19 +140,21 @@ def training_rows(args, device, dtype) -> list[dict]:
 
 
 def decode_rows(args, device, dtype) -> list[dict]:
+    ns = Namespace(model=None, preset="tiny" if args.tiny else args.preset, vocab=TINY["vocab_size"],
+                   hidden=TINY["hidden_size"] * 2, layers=2, steps=4, kv_sharing="last", gate_std=None,
+                   prompt=32 if args.tiny else 512, new_tokens=16 if args.tiny else 128, repeats=1,
+                   device=str(device), dtype=str(dtype).removeprefix("torch."))
+    model = build(ns)
     rows = []
     for batch in (1, 8):
-        ns = Namespace(preset="tiny", vocab=TINY["vocab_size"], hidden=TINY["hidden_size"] * 2, layers=2, steps=4,
-                       ce_chunk=2048, decode_batch=batch, new_tokens=16 if args.tiny else 128,
-                       device=str(device), dtype=str(dtype).removeprefix("torch."))
-        if not args.tiny:
-            ns.preset = args.preset
-        result = decode_bench(ns)
-        rows.append({"section": "decode", "name": f"batch {batch}",
-                     "full_depth_tokens_per_s": result["full_depth"]["tokens_per_s"],
-                     "early_exit_tokens_per_s": result["early_exit"]["tokens_per_s"],
-                     "mean_passes": result["early_exit"]["mean_passes_per_decoded_token"],
-                     "speedup": result["speedup"]})
+        r = bench_batch(model, ns, batch)
+        rate = r["tokens_per_s"]
+        rows.append({"section": "decode", "name": f"batch {batch}", "full_depth_tokens_per_s": rate["full_depth"]["median"],
+                     "early_exit_tokens_per_s": rate["early_exit"]["median"],
+                     "async_tokens_per_s": rate["early_exit_async"]["median"], "mean_passes": r["mean_passes"],
+                     "speedup": r["speedup"]["early_exit"]["median"],
+                     "async_speedup": r["speedup"]["early_exit_async"]["median"], "compute_bound": r["compute_bound"],
+                     "tokens_equal": r["tokens_equal_dense"] and r["async_tokens_equal_lockstep"]})
     return rows
 
 

@@ -5,11 +5,13 @@
    reference path (chunk logits recomputed in backward), against a plain reference that materialises
    all T logit tensors (same model, same weights, same batch). Tokens/s and peak memory (CUDA: max
    allocated; CPU: peak RSS growth of a fresh process); `--repeats` alternating rounds, min and median.
-2. Decoding: tokens/s at full depth vs early exit with a CDF threshold that gives about half the
-   passes (threshold calibrated on the prompt), same prompts, KV cache on.
+   `fused_compiled`: the fused loss with the N shared layers compiled (`looplm.compile_layers`),
+   first step (compilation) not timed. Pick with `--variants`.
+Decoding is measured by benchmarks/decode_throughput.py.
 
     python benchmarks/model_throughput.py                       # CPU-sized defaults
-    python benchmarks/model_throughput.py --vocab 49152 --hidden 256 --layers 4 --batch 4 --seq 512 --skip-decode
+    python benchmarks/model_throughput.py --vocab 49152 --hidden 256 --layers 4 --batch 4 --seq 512
+    python benchmarks/model_throughput.py --variants fused fused_compiled --vocab 8192 --hidden 256 --layers 4
     python benchmarks/model_throughput.py --preset ouro-1.4b --seq 4096 --batch 1 --device cuda --dtype bfloat16
 """
 
@@ -23,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from looplm import LoopLMForCausalLM, preset_config
+from looplm import LoopLMForCausalLM, compile_layers, preset_config
 from looplm.objectives import shift_labels, stage1_loss
 
 
@@ -60,7 +62,9 @@ def train_worker(args, variant, queue):
     if variant == "reference":
         step = lambda: reference_loss(model, ids)  # noqa: E731
     else:
-        model.config.loss_implementation = variant
+        model.config.loss_implementation = variant.removesuffix("_compiled")
+        if variant.endswith("_compiled"):
+            compile_layers(model)
         step = lambda: model(ids, labels=ids).loss  # noqa: E731
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -92,36 +96,6 @@ def run_isolated(args, variant):
     return result
 
 
-@torch.no_grad()
-def decode_bench(args):
-    model = build(args).eval()
-    T = model.config.total_ut_steps
-    prompt = torch.randint(0, model.config.vocab_size, (args.decode_batch, 32), device=args.device)
-    cdf = torch.cumsum(model(prompt, use_cache=False).exit_probs, -1)[..., :-1].flatten(0, 1)  # (tokens, T-1)
-    lo, hi = 0.0, 1.0
-    for _ in range(30):  # bisect q so that the mean number of passes is T/2
-        q = (lo + hi) / 2
-        passes = torch.where((cdf >= q).any(-1), (cdf >= q).float().argmax(-1) + 1, torch.full_like(cdf[:, 0], T))
-        lo, hi = (q, hi) if passes.float().mean() < T / 2 else (lo, q)
-    results = {}
-    for name, kw in (("full_depth", {"exit_threshold": 1.0}), ("early_exit", {"exit_threshold": q})):
-        model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **kw)  # warm-up
-        model.model.layer_token_applications = 0
-        start = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                             do_sample=False, pad_token_id=0, **kw)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        new = out.shape[0] * (out.shape[1] - prompt.shape[1])
-        prefill = prompt.numel() * T * model.config.num_hidden_layers
-        passes = (model.model.layer_token_applications - prefill) / model.config.num_hidden_layers / (new - out.shape[0])
-        results[name] = {"tokens_per_s": new / seconds, "mean_passes_per_decoded_token": passes}
-    results["early_exit"]["threshold"] = q
-    results["speedup"] = results["early_exit"]["tokens_per_s"] / results["full_depth"]["tokens_per_s"]
-    return results
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="tiny (sized by the flags below), ouro-1.4b or ouro-2.6b")
@@ -133,14 +107,13 @@ def main():
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--ce-chunk", type=int, default=2048, help="tokens per chunk of the per-pass LM head + CE")
-    p.add_argument("--decode-batch", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of the three training variants")
-    p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of the training variants")
+    p.add_argument("--variants", nargs="+", default=["fused", "chunked", "reference"],
+                   choices=["fused", "chunked", "reference", "fused_compiled", "chunked_compiled"])
     args = p.parse_args()
-    variants = ("fused", "chunked", "reference")
+    variants = args.variants
     runs = {v: [] for v in variants}
     for _ in range(args.repeats):  # alternating, each in a fresh process
         for v in variants:
@@ -149,13 +122,11 @@ def main():
                    "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rs),
                    "peak_mib_median": statistics.median(r["peak_mib"] for r in rs), "runs": rs}
                for v, rs in runs.items()}
-    ref = summary["reference"]
-    report = {"config": vars(args), "train": summary, "ratios_vs_all_logits_reference": {
+    ref = summary[variants[-1]]
+    report = {"config": vars(args), "train": summary, f"ratios_vs_{variants[-1]}": {
         v: {"speed_median": summary[v]["tokens_per_s_median"] / ref["tokens_per_s_median"],
             "speed_min": summary[v]["tokens_per_s_min"] / ref["tokens_per_s_min"],
-            "memory_median": summary[v]["peak_mib_median"] / ref["peak_mib_median"]} for v in ("fused", "chunked")}}
-    if not args.skip_decode:
-        report["decode"] = decode_bench(args)
+            "memory_median": summary[v]["peak_mib_median"] / ref["peak_mib_median"]} for v in variants[:-1]}}
     print(json.dumps(report, indent=2))
 
 

@@ -5,7 +5,9 @@ import torch
 
 from helpers.models import tiny_model
 from looplm import LoopCache
+from looplm.attention import left_pad
 from looplm.compat import CACHE_NAME
+from looplm.decode import generate_asynchronous
 
 
 def greedy(model, ids, n=6, cache=None, **kw):
@@ -168,3 +170,41 @@ def test_compiled_layers_give_the_eager_logits_and_early_exit_tokens():
                                    atol=1e-4, rtol=1e-4)
         kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, exit_threshold=0.5)
         assert torch.equal(compiled.generate(ids, **kw), eager.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("kw", [{"exit_threshold": 0.5}, {"exit_threshold": 0.3}, {"exit_at_step": 1}, {}])
+@torch.no_grad()
+def test_pass_asynchronous_decoding_gives_the_lockstep_tokens(kw):
+    """looplm.decode.generate_asynchronous (each row at its own pass) produces the tokens of
+    generate() with the "last" cache, on left-padded rows whose tokens exit at different passes."""
+    model = tiny_model()
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, 256, (n,)) for n in (3, 7, 5)]
+    ids, mask = left_pad([p.tolist() for p in prompts])
+    cache = LoopCache(2, "last")
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                              **{CACHE_NAME: cache}, **kw)
+    out = generate_asynchronous(model, ids, 12, attention_mask=mask, **kw)
+    assert torch.equal(out, expected)
+    if "exit_threshold" in kw:  # the case this decoder exists for: rows at different passes in one step
+        exits = cache.exit_steps[:, ids.shape[1] + 1:]
+        assert (exits.max(0).values != exits.min(0).values).any()
+
+
+@torch.no_grad()
+def test_pass_asynchronous_decoding_stops_rows_at_eos_like_generate():
+    model = tiny_model()
+    ids = torch.randint(1, 256, (3, 6))
+    free = generate_asynchronous(model, ids, 10, exit_threshold=0.5)
+    eos = int(free[1, 6 + 3])  # a token row 1 produces mid-way
+    expected = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=eos,
+                              exit_threshold=0.5, **{CACHE_NAME: LoopCache(2, "last")})
+    out = generate_asynchronous(model, ids, 10, exit_threshold=0.5, eos_token_id=eos)
+    width = expected.shape[1]  # generate stops once every row has ended; the rest is padding
+    assert torch.equal(out[:, :width], expected) and (out[:, width:] == 0).all()
+    assert (out[1, 6 + 4:] == 0).all()
+
+
+def test_pass_asynchronous_decoding_rejects_a_policy_it_cannot_run():
+    with pytest.raises(ValueError, match="hidden_diff"):
+        generate_asynchronous(tiny_model(early_exit_hidden_diff=0.1), torch.randint(1, 256, (1, 4)), 3)
