@@ -73,8 +73,10 @@ def train_worker(args, variant, queue):
         base = torch.cuda.memory_allocated()
     else:
         base = current_rss()
-    step().backward()  # warm-up (counts towards the peak: it is the same step)
+    first = time.perf_counter()
+    step().backward()  # warm-up, compilation included (counts towards the peak: it is the same step)
     model.zero_grad(set_to_none=True)
+    first = time.perf_counter() - first
     start = time.perf_counter()
     for _ in range(args.iters):
         step().backward()
@@ -83,7 +85,8 @@ def train_worker(args, variant, queue):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put({"tokens_per_s": args.iters * args.batch * args.seq / seconds, "peak_mib": (peak - base) / 2**20})
+    queue.put({"tokens_per_s": args.iters * args.batch * args.seq / seconds, "peak_mib": (peak - base) / 2**20,
+               "first_step_s": first})
 
 
 def run_isolated(args, variant):

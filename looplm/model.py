@@ -27,6 +27,7 @@ from .config import LoopLMConfig
 from .exits import ExitPolicy, exit_distribution, exit_entropy, resolve_exit_policy, select_exit_steps
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from .objectives import fused_exit_ce, shift_labels, stage1_loss, stage2_gate_loss, token_cross_entropy
+from .remote_code import write_remote_code
 
 
 @dataclass
@@ -192,9 +193,11 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
-        # Tools that read Ouro checkpoints dispatch on the official architecture name.
+        # Tools that read Ouro checkpoints dispatch on the official architecture name; the folder also
+        # carries its own modeling file and `auto_map`, to load where looplm is not installed (remote_code.py).
         self.config.architectures = ["OuroForCausalLM"]
         if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory, self.config)
             self.config.save_pretrained(save_directory)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
