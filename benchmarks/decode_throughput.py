@@ -12,6 +12,7 @@ early-exit run are checked against `exit_skip=False` (the same result computed d
     python benchmarks/decode_throughput.py                                   # the issue-15 setting
     python benchmarks/decode_throughput.py --batch 1 8 --prompt 256 --new-tokens 128 --repeats 5
     python benchmarks/decode_throughput.py --model runs/smoke/hf --prompt 128   # a trained gate
+    python benchmarks/decode_throughput.py --compile                          # compiled shared layers
     python benchmarks/decode_throughput.py --preset ouro-1.4b --device cuda --dtype bfloat16
 """
 
@@ -24,7 +25,7 @@ import torch
 
 from transformers.generation.streamers import BaseStreamer
 
-from looplm import LoopCache, LoopLMForCausalLM, preset_config
+from looplm import LoopCache, LoopLMForCausalLM, compile_layers, preset_config
 from looplm.compat import CACHE_NAME
 from looplm.decode import generate_asynchronous
 
@@ -170,9 +171,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of full depth and early exit")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action="store_true", help="compile the shared layers (looplm.compile_layers)")
     p.add_argument("--output", help="also write the report to this JSON file")
     args = p.parse_args()
     model = build(args)
+    if args.compile:
+        compile_layers(model, dynamic=True)
     report = {"config": vars(args), "results": [bench_batch(model, args, b) for b in args.batch]}
     text = json.dumps(report, indent=2)
     print(text)

@@ -71,6 +71,7 @@ class LoopCache(Cache):
             self._pending = self.kv.new_empty(2, num_steps, self.num_layers, batch, *self.kv.shape[4:5], new_tokens,
                                               self.kv.shape[6])
 
+    @torch.compiler.disable  # in-place bookkeeping on Python ints: compiled layers call it eagerly (no guard per slot)
     def update(self, step: int, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None,
                frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store pass `step`, layer `layer`'s new (k, v) (R, K, S, h) of batch rows `rows` (None = all)

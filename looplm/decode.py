@@ -32,6 +32,7 @@ class ColumnSlot(NamedTuple):
     width: int  # columns attended (max column + 1)
     rows = None
 
+    @torch.compiler.disable
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = torch.arange(k.shape[0], device=k.device)
         self.slot[0, batch, :, self.columns] = k[:, :, 0]

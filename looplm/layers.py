@@ -73,6 +73,9 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         self.backend = config.attention_backend
+        # Replaces the attention call when set: fn(q, k, v, mask) with q (R, H, S, h) -> (R, S, H, h).
+        # Sequence parallelism installs DeepSpeed's all-to-all around it here (pretrain/parallel.py).
+        self.attention_fn = None
 
     def forward(self, x, rope, mask: AttentionMask, cache: CacheSlot | None = None):
         """x (R, S, d); rope = (cos, sin); cache: where this layer application's keys go and what it
@@ -91,7 +94,10 @@ class SelfAttention(nn.Module):
             rows = cache.rows
             if rows is not None:
                 q = q.new_zeros(k.shape[0], *q.shape[1:]).index_copy_(0, rows, q)
-        out = attention(q, k, v, mask, self.backend)
+        if self.attention_fn is None:
+            out = attention(q, k, v, mask, self.backend)
+        else:
+            out = self.attention_fn(q, k, v, mask)
         if rows is not None:
             out = out[rows]
         return self.o_proj(out.reshape(R, S, -1))

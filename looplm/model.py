@@ -205,12 +205,15 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
                 output_attentions=None, return_dict=None, logits_to_keep=0, output_step_logits=False,
                 num_steps=None, exit_at_step=None, exit_threshold=None, exit_hidden_diff=None,
                 use_weighted_exit=False, exit_steps=None, exit_skip=True, objective=None, entropy_beta=None,
-                num_items_in_batch=None, compute_logits=None, cache_position=None, cache=None) -> LoopLMOutput:
+                num_items_in_batch=None, compute_logits=None, cache_position=None, cache=None,
+                targets=None) -> LoopLMOutput:
         """Forward with per-pass outputs.
 
         Exit policy (priority): exit_at_step > exit_hidden_diff > exit_threshold > use_weighted_exit >
         config (early_exit_step, early_exit_hidden_diff, early_exit_threshold). num_steps: passes to run.
-        labels: (B, S) token ids, shifted inside, -100 ignored; the loss is `objective` (config default):
+        labels: (B, S) token ids, shifted inside, -100 ignored; or `targets`: labels already shifted (the
+        token after each position), for a slice of a longer sequence (sequence parallelism). The loss is
+        `objective` (config default):
         "stage1" = sum_t p_t CE_t - beta H(p) averaged over targets (or divided by num_items_in_batch),
         "stage2" = the gate-only BCE objective (no gradient reaches the LM). entropy_beta: beta of stage I
         (config default); a trainer passes both each step rather than writing them into the config.
@@ -223,7 +226,11 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             raise ValueError("output_attentions is not supported by LoopLM (SDPA/FlashAttention never form them)")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        use_cache = use_cache and labels is None
+        if labels is not None:
+            if targets is not None:
+                raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
+            targets = shift_labels(labels)
+        use_cache = use_cache and targets is None
         policy = resolve_exit_policy(self.config, exit_at_step, exit_threshold, exit_hidden_diff, use_weighted_exit)
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          position_ids=position_ids, cache=cache, use_cache=use_cache,
@@ -232,13 +239,13 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         exit_probs = exit_distribution(gate_logits)
 
         loss = step_losses = None
-        if labels is not None:
+        if targets is not None:
             beta = self.config.entropy_beta if entropy_beta is None else entropy_beta
-            loss, step_losses = self._loss(hiddens, gate_logits, labels, objective or self.config.objective, beta,
+            loss, step_losses = self._loss(hiddens, gate_logits, targets, objective or self.config.objective, beta,
                                            num_items_in_batch)
 
         logits = None
-        if compute_logits if compute_logits is not None else (labels is None or not self.training):
+        if compute_logits if compute_logits is not None else (targets is None or not self.training):
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
             if policy.kind == "weighted":  # lm_head is linear: the mixture of logits is the head of the mixture
                 h = (torch.stack(hiddens, -1)[:, keep] * exit_probs[:, keep, None].to(hiddens[0].dtype)).sum(-1)
@@ -255,8 +262,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             hidden_states=hiddens if output_hidden_states else None,
         )
 
-    def _loss(self, hiddens, gate_logits, labels, objective, entropy_beta, num_items_in_batch):
-        targets = shift_labels(labels)
+    def _loss(self, hiddens, gate_logits, targets, objective, entropy_beta, num_items_in_batch):
         mask = targets != -100
         chunk = self.config.ce_chunk_size
         if objective == "stage1" and self.config.loss_implementation == "fused" and torch.is_grad_enabled():
@@ -272,7 +278,8 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             with torch.no_grad():
                 step_ce = torch.stack([token_cross_entropy(h, self.lm_head.weight, targets, chunk) for h in hiddens], -1)
             gate = self.model.early_exit_gate(torch.stack(hiddens, 2).detach()).squeeze(-1)
-            loss = stage2_gate_loss(step_ce, gate, mask, self.config.stage2_k, self.config.stage2_gamma)
+            loss = stage2_gate_loss(step_ce, gate, mask, self.config.stage2_k, self.config.stage2_gamma,
+                                    num_items_in_batch)
         else:
             raise ValueError(f"objective={objective!r} is unknown; use 'stage1' or 'stage2'")
         step_losses = (step_ce.detach() * mask[..., None]).sum((0, 1)) / mask.sum().clamp_min(1)

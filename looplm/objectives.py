@@ -129,11 +129,13 @@ def stage1_loss(step_ce: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Te
 
 
 def stage2_gate_loss(step_ce: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor,
-                     k: float = 50.0, gamma: float = 0.005) -> torch.Tensor:
+                     k: float = 50.0, gamma: float = 0.005,
+                     normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """Adaptive gate loss: (1/T) sum_{t=2..T} mean_i BCE(1 - lambda_t, w_t), w_t = sigmoid(k (I_t - gamma)).
 
     step_ce: (B, S, T) per-token CE (detached here); gate_logits: (B, S, T) logits of lambda;
-    mask: (B, S) bool target positions (the M positions averaged over).
+    mask: (B, S) bool target positions (the M positions averaged over). normalizer: as in
+    stage1_loss (default: the number of targets here; the global count for exact accumulation).
     """
     ce = step_ce.detach().float()
     improvement = (ce[..., :-1] - ce[..., 1:]).clamp_min(0)
@@ -141,5 +143,5 @@ def stage2_gate_loss(step_ce: torch.Tensor, gate_logits: torch.Tensor, mask: tor
     g = gate_logits[..., 1:].float()
     # log(1 - lambda) = logsigmoid(-g), log(lambda) = logsigmoid(g)
     bce = -(w * F.logsigmoid(-g) + (1 - w) * F.logsigmoid(g))
-    per_step = (bce * mask[..., None]).sum((0, 1)) / mask.sum().clamp_min(1)
+    per_step = (bce * mask[..., None]).sum((0, 1)) / (mask.sum().clamp_min(1) if normalizer is None else normalizer)
     return per_step.sum() / gate_logits.shape[-1]

@@ -68,6 +68,7 @@ class TrainConfig:
     bf16: bool = True
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each shared layer once (regional compilation; README: when it pays)
+    sequence_parallel: int = 1  # split every sequence over this many ranks (DeepSpeed Ulysses; README: Parallelism)
     seed: int = 1234
     save_every: int = 1000
     keep_last: int = 3
@@ -142,6 +143,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3"),
         (t.max_steps > 0, "train.max_steps", "must be positive"),
         (t.micro_batch > 0 and t.global_batch > 0, "train.global_batch", "batch sizes must be positive"),
+        (t.sequence_parallel >= 1, "train.sequence_parallel", "must be 1 (off) or more ranks per sequence"),
+        (cfg.data.seq_len % max(t.sequence_parallel, 1) == 0, "train.sequence_parallel",
+         f"data.seq_len {cfg.data.seq_len} must be divisible by train.sequence_parallel={t.sequence_parallel}"),
         (t.save_every > 0 and t.keep_last > 0, "train.save_every", "save_every and keep_last must be positive"),
         (o.schedule in ("wsd", "cosine", "constant"), "optim.schedule", f"{o.schedule!r}: use wsd, cosine or constant"),
         (0 <= o.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]"),
@@ -173,25 +177,39 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             raise ConfigError(f"config key data.seq_len: {cfg.data.seq_len} is longer than the model's "
                               f"max_position_embeddings ({model.max_position_embeddings}); lower data.seq_len or "
                               "raise model.overrides.max_position_embeddings")
+        check_sequence_parallel(model, t.sequence_parallel)
     derived = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                "gradient_clipping", "bf16", "optimizer", "scheduler"}
     clash = derived & set(cfg.deepspeed)
     if clash:
         raise ConfigError(f"config key deepspeed.{sorted(clash)[0]} restates a derived setting; set it through "
                           "train.* / optim.* instead")
-    if world_size is not None and t.global_batch % (t.micro_batch * world_size):
+    if world_size is not None and world_size % t.sequence_parallel:
+        raise ConfigError(f"config key train.sequence_parallel={t.sequence_parallel}: the {world_size} ranks do not split "
+                          "into sequence-parallel groups of that size; use a divisor of the number of ranks")
+    data_parallel = None if world_size is None else world_size // t.sequence_parallel
+    if data_parallel is not None and t.global_batch % (t.micro_batch * data_parallel):
         raise ConfigError(f"config keys train.global_batch={t.global_batch}, train.micro_batch={t.micro_batch}: the global "
-                          f"batch must be micro_batch x gradient accumulation x data-parallel size ({world_size}); "
-                          f"choose a global_batch that is a multiple of {t.micro_batch * world_size}")
+                          f"batch must be micro_batch x gradient accumulation x data-parallel size ({data_parallel}); "
+                          f"choose a global_batch that is a multiple of {t.micro_batch * data_parallel}")
+
+
+def check_sequence_parallel(model, size: int) -> None:
+    """Ulysses splits the attention heads over the sequence-parallel ranks: both head counts must divide."""
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(model, name) % size:
+            raise ConfigError(f"config key train.sequence_parallel={size}: the model's {name} "
+                              f"({getattr(model, name)}) is not divisible by it; use a divisor of the head counts")
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed config, derived: nothing is stated twice."""
     t = cfg.train
+    data_parallel = world_size // t.sequence_parallel
     ds = {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
+        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * data_parallel),
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": t.bf16},
         "zero_optimization": {"stage": t.zero_stage},

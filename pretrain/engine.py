@@ -82,7 +82,8 @@ def entropy_beta(step: int, cfg: RunConfig, default: float) -> float:
     return beta
 
 
-def build_engine(cfg: RunConfig, model, world_size: int, load_universal: bool = False):
+def build_engine(cfg: RunConfig, model, world_size: int, load_universal: bool = False, mpu=None):
+    """mpu: DeepSpeed's sequence-parallel groups (pretrain/parallel.py) when train.sequence_parallel > 1."""
     import deepspeed
 
     optimizer = SkippableAdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -90,5 +91,5 @@ def build_engine(cfg: RunConfig, model, world_size: int, load_universal: bool = 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size, load_universal))
+        config=deepspeed_config(cfg, world_size, load_universal), mpu=mpu)
     return engine, optimizer, scheduler

@@ -5,6 +5,7 @@
 """
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -16,7 +17,6 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from looplm.objectives import shift_labels
 
 from runtime import checkpoint
 from runtime.config import ConfigError
@@ -24,12 +24,13 @@ from runtime.distributed import init_distributed, is_rank0, rank_errors, shared_
 from runtime.trainer import LoopState, TrainLoop
 
 from . import checkpoint as ds_checkpoint
-from .config import load_config, validate
+from .config import check_sequence_parallel, load_config, validate
 from .data import BlendedDataset, DataError, IndexedDataset, PackedDataset, RankBatchSampler, Tokenizer, build_loader, parse_blend
 from .data.synthetic import prepare_default_corpus, read_eval
 from .engine import build_engine, build_model, entropy_beta
 from .evaluate import task_accuracy, validation_loss
 from .metrics import LossGuard, MetricsLogger, flops_per_token
+from .parallel import SequenceParallel, targets_of
 
 
 def parse_args(argv):
@@ -188,7 +189,9 @@ class Trainer(TrainLoop):
         self.hooks = (hooks or []) + ([FaultInjection(fault)] if active else [])
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, self.out_dir)
         saved = checkpoint.read_state(self.resume_from) if self.resume_from else {}
-        universal = bool(saved) and saved["world_size"] != world and cfg.train.zero_stage > 0
+        sp = cfg.train.sequence_parallel
+        universal = bool(saved) and cfg.train.zero_stage > 0 and (
+            saved["world_size"], saved.get("sequence_parallel", 1)) != (world, sp)
 
         self.model = build_model(cfg)
         if cfg.data.seq_len > self.model.config.max_position_embeddings:  # init_from: known once the model is read
@@ -198,7 +201,11 @@ class Trainer(TrainLoop):
             err.on_every_rank = True
             raise err
         self.train_set, self.valid_set, self.tokenizer, self.tasks = build_data(cfg, self.model.config, rank)
-        self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.model, world, load_universal=universal)
+        check_sequence_parallel(self.model.config, sp)  # init_from: the head counts are known now
+        self.sp = SequenceParallel(self.model, sp) if sp > 1 else None
+        self.dp = world // sp  # data-parallel ranks: each sequence-parallel group shares its samples
+        self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.model, world, load_universal=universal,
+                                                                   mpu=self.sp and self.sp.mpu)
         self.device = self.engine.device
         if self.resume_from:
             ds_checkpoint.load(self.engine, self.resume_from, universal)
@@ -206,7 +213,7 @@ class Trainer(TrainLoop):
         t = cfg.train
         self.guard = LossGuard(t.spike_factor, t.spike_window, t.max_bad_steps, **self.state.guard)
         self.logger = MetricsLogger(self.out_dir, cfg, enabled=rank == 0)
-        sampler = RankBatchSampler(t.global_batch, t.micro_batch, rank, world, self.state.consumed_samples,
+        sampler = RankBatchSampler(t.global_batch, t.micro_batch, rank // sp, self.dp, self.state.consumed_samples,
                                    None if cfg.data.on_exhaust == "wrap" else len(self.train_set))
         self.batches = iter(build_loader(self.train_set, sampler, cfg.data.num_workers))
         self.accum = sampler.accumulation_steps
@@ -219,7 +226,8 @@ class Trainer(TrainLoop):
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             where = (f"resumed from {self.resume_from} (step {self.state.step}, {self.state.consumed_samples} "
                      "samples)" if self.resume_from else "from scratch")
-            print(f"looplm pretrain: world {world}, ZeRO-{t.zero_stage}, "
+            print(f"looplm pretrain: world {world}" + (f" (sequence parallel {sp})" if sp > 1 else "") +
+                  f", ZeRO-{t.zero_stage}, "
                   f"{sum(p.numel() for p in self.model.parameters()):,} parameters, {where}", flush=True)
 
     def train(self):
@@ -245,31 +253,37 @@ class Trainer(TrainLoop):
         """One optimizer step over `accum` micro-batches: the loss is a mean over every target token of
         the global batch; a bad loss (LossGuard) vetoes the update (`stats.bad` says why). Returns the
         reduced statistics, or None when data.on_exhaust=stop and the data ran out."""
-        cfg, device, accum, world = self.cfg, self.device, self.accum, self.world
+        cfg, device, accum, dp = self.cfg, self.device, self.accum, self.dp
         try:
             micro = [next(self.batches) for _ in range(accum)]
         except StopIteration:
             if self.rank == 0:
                 print(f"data exhausted after {self.state.consumed_samples} samples (data.on_exhaust=stop)", flush=True)
             return None
+        if self.sp is not None:  # this rank's slice of each sequence (+ the whole sequence's attention mask)
+            micro = [self.sp.shard(b) for b in micro]
         beta = entropy_beta(self.state.step, cfg, self.base_beta)
-        targets = torch.tensor(float(sum(int((shift_labels(b["labels"]) != -100).sum()) for b in micro)), device=device)
+        targets = torch.tensor(float(sum(int((targets_of(b) != -100).sum()) for b in micro)), device=device)
         dist.all_reduce(targets)
-        normalizer = targets / (accum * world)  # so that DeepSpeed's /accum and rank mean give a global token mean
+        # DeepSpeed divides by accum and averages over the data-parallel ranks (summing over a sequence-
+        # parallel group): with this normaliser the gradient is that of the global token mean.
+        normalizer = targets / (accum * dp)
         stats, bad = StepStats(self.model.config.total_ut_steps, device), None
         for i, batch in enumerate(micro):
             for hook in self.hooks:
                 hook.before_micro_batch(self)
+            if self.sp is not None:
+                self.sp.mask = batch.pop("mask")
             batch = {k: v.to(device) for k, v in batch.items()}
             out = self.engine(**batch, num_items_in_batch=normalizer, objective=cfg.ouro.objective, entropy_beta=beta)
             loss = out.loss
             for hook in self.hooks:
                 loss = hook.loss(self, loss)
-            stats.add(out, loss, shift_labels(batch["labels"]) != -100)
+            stats.add(out, loss, targets_of(batch) != -100)
             if i == accum - 1:  # decide on the update before DeepSpeed steps the optimizer
                 stats.preempt += float(self.preemption.requested)
                 stats.all_reduce()
-                bad = self.guard.check((stats.loss / (accum * world)).item())
+                bad = self.guard.check((stats.loss / (accum * dp)).item())
                 _client_optimizer(self.optimizer).skip_next_step = bad is not None
             self.engine.backward(loss)
             self.engine.step()
@@ -286,7 +300,7 @@ class Trainer(TrainLoop):
         tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
         tflops = self.flops * tokens_per_s / self.world / 1e12
         p = stats.per_target("exit_probs")
-        loss = (stats.loss / (self.accum * self.world)).item()
+        loss = (stats.loss / (self.accum * self.dp)).item()
         record = {
             "step": step, "loss": loss, "loss_per_pass": stats.per_target("ce_per_pass"), "exit_probs": p,
             "exit_entropy": -sum(x * math.log(max(x, 1e-12)) for x in p),
@@ -314,29 +328,32 @@ class Trainer(TrainLoop):
         s, cfg = self.state, self.cfg
         return ds_checkpoint.save(self.engine, self.out_dir, s.step, {
             "consumed_samples": s.consumed_samples, "tokens_seen": s.tokens_seen, "world_size": self.world,
+            "sequence_parallel": cfg.train.sequence_parallel,
             "zero_stage": cfg.train.zero_stage, "guard": self.guard.state(), "config": cfg.to_dict()},
             cfg.train.keep_last, before_commit=lambda: [hook.before_commit(self) for hook in self.hooks])
 
     def evaluate(self) -> dict:
-        """Validation CE per pass and exact-match accuracy of the eval tasks per exit pass (collective)."""
+        """Validation CE per pass and exact-match accuracy of the eval tasks per exit pass (collective).
+        Whole sequences on every rank, also under sequence parallelism."""
         cfg, rank, world, step, module = self.cfg, self.rank, self.world, self.state.step, self.engine.module
         module.eval()
         record = {"step": step}
-        if self.valid_set is not None:
-            vs = RankBatchSampler(cfg.train.micro_batch * world, cfg.train.micro_batch, rank, world, 0,
-                                  len(self.valid_set))
-            it = iter(build_loader(self.valid_set, vs))
-            chunk = [b for _, b in zip(range(cfg.train.eval_batches), it)]
-            losses = validation_loss(module, chunk, self.device)
-            if losses is None and rank == 0:
-                print(f"warning: eval step {step}: no validation CE: the validation split holds {len(self.valid_set)} "
-                      f"sequences, fewer than one micro-batch per rank ({cfg.train.micro_batch} x {world}); "
-                      "raise data.valid_fraction", file=sys.stderr, flush=True)
-            elif losses is not None:
-                record["valid_loss_per_pass"] = losses
-        if self.tasks and self.tokenizer is not None and cfg.train.eval_max_prompts > 0:
-            record["accuracy"] = task_accuracy(module, self.tokenizer, self.tasks, cfg.train.eval_max_prompts,
-                                               self.device, sync=cfg.train.zero_stage == 3)
+        with self.sp.disabled() if self.sp is not None else contextlib.nullcontext():
+            if self.valid_set is not None:
+                vs = RankBatchSampler(cfg.train.micro_batch * world, cfg.train.micro_batch, rank, world, 0,
+                                      len(self.valid_set))
+                it = iter(build_loader(self.valid_set, vs))
+                chunk = [b for _, b in zip(range(cfg.train.eval_batches), it)]
+                losses = validation_loss(module, chunk, self.device)
+                if losses is None and rank == 0:
+                    print(f"warning: eval step {step}: no validation CE: the validation split holds "
+                          f"{len(self.valid_set)} sequences, fewer than one micro-batch per rank "
+                          f"({cfg.train.micro_batch} x {world}); raise data.valid_fraction", file=sys.stderr, flush=True)
+                elif losses is not None:
+                    record["valid_loss_per_pass"] = losses
+            if self.tasks and self.tokenizer is not None and cfg.train.eval_max_prompts > 0:
+                record["accuracy"] = task_accuracy(module, self.tokenizer, self.tasks, cfg.train.eval_max_prompts,
+                                                   self.device, sync=cfg.train.zero_stage == 3)
         module.train()
         valid = record.get("valid_loss_per_pass")
         self.logger.log(record, f"eval step {step}: " + " ".join(
