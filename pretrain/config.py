@@ -69,6 +69,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each shared layer once (regional compilation; README: when it pays)
     sequence_parallel: int = 1  # split every sequence over this many ranks (DeepSpeed Ulysses; README: Parallelism)
+    tensor_parallel: int = 1  # shard the shared layers' projections over this many ranks (DeepSpeed AutoTP, ZeRO 0-2)
     seed: int = 1234
     save_every: int = 1000
     keep_last: int = 3
@@ -144,6 +145,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         (t.max_steps > 0, "train.max_steps", "must be positive"),
         (t.micro_batch > 0 and t.global_batch > 0, "train.global_batch", "batch sizes must be positive"),
         (t.sequence_parallel >= 1, "train.sequence_parallel", "must be 1 (off) or more ranks per sequence"),
+        (t.tensor_parallel >= 1, "train.tensor_parallel", "must be 1 (off) or more ranks per layer"),
+        (t.tensor_parallel == 1 or t.zero_stage <= 2, "train.tensor_parallel",
+         f"AutoTP trains with ZeRO 0-2, not train.zero_stage={t.zero_stage}; lower the stage"),
+        (t.tensor_parallel == 1 or t.sequence_parallel == 1, "train.tensor_parallel",
+         "sequence and tensor parallelism are not combined yet; set one of them to 1"),
         (cfg.data.seq_len % max(t.sequence_parallel, 1) == 0, "train.sequence_parallel",
          f"data.seq_len {cfg.data.seq_len} must be divisible by train.sequence_parallel={t.sequence_parallel}"),
         (t.save_every > 0 and t.keep_last > 0, "train.save_every", "save_every and keep_last must be positive"),
@@ -177,37 +183,42 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             raise ConfigError(f"config key data.seq_len: {cfg.data.seq_len} is longer than the model's "
                               f"max_position_embeddings ({model.max_position_embeddings}); lower data.seq_len or "
                               "raise model.overrides.max_position_embeddings")
-        check_sequence_parallel(model, t.sequence_parallel)
+        check_head_split(model, t.sequence_parallel, "train.sequence_parallel")
+        check_head_split(model, t.tensor_parallel, "train.tensor_parallel")
     derived = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                "gradient_clipping", "bf16", "optimizer", "scheduler"}
     clash = derived & set(cfg.deepspeed)
     if clash:
         raise ConfigError(f"config key deepspeed.{sorted(clash)[0]} restates a derived setting; set it through "
                           "train.* / optim.* instead")
-    if world_size is not None and world_size % t.sequence_parallel:
-        raise ConfigError(f"config key train.sequence_parallel={t.sequence_parallel}: the {world_size} ranks do not split "
-                          "into sequence-parallel groups of that size; use a divisor of the number of ranks")
-    data_parallel = None if world_size is None else world_size // t.sequence_parallel
+    for key, size in (("train.sequence_parallel", t.sequence_parallel), ("train.tensor_parallel", t.tensor_parallel)):
+        if world_size is not None and world_size % size:
+            raise ConfigError(f"config key {key}={size}: the {world_size} ranks do not split into groups of that "
+                              "size; use a divisor of the number of ranks")
+    data_parallel = None if world_size is None else world_size // (t.sequence_parallel * t.tensor_parallel)
     if data_parallel is not None and t.global_batch % (t.micro_batch * data_parallel):
         raise ConfigError(f"config keys train.global_batch={t.global_batch}, train.micro_batch={t.micro_batch}: the global "
                           f"batch must be micro_batch x gradient accumulation x data-parallel size ({data_parallel}); "
                           f"choose a global_batch that is a multiple of {t.micro_batch * data_parallel}")
 
 
-def check_sequence_parallel(model, size: int) -> None:
-    """Ulysses splits the attention heads over the sequence-parallel ranks: both head counts must divide."""
-    for name in ("num_attention_heads", "num_key_value_heads"):
+def check_head_split(model, size: int, key: str) -> None:
+    """Ulysses and AutoTP split the attention heads over their ranks: both head counts must divide
+    (and AutoTP the MLP width)."""
+    names = ("num_attention_heads", "num_key_value_heads") + (("intermediate_size",) if "tensor" in key else ())
+    for name in names:
         if getattr(model, name) % size:
-            raise ConfigError(f"config key train.sequence_parallel={size}: the model's {name} "
-                              f"({getattr(model, name)}) is not divisible by it; use a divisor of the head counts")
+            raise ConfigError(f"config key {key}={size}: the model's {name} ({getattr(model, name)}) is not "
+                              "divisible by it; use a divisor")
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed config, derived: nothing is stated twice."""
     t = cfg.train
-    data_parallel = world_size // t.sequence_parallel
+    data_parallel = world_size // (t.sequence_parallel * t.tensor_parallel)
     ds = {
-        "train_batch_size": t.global_batch,
+        # AutoTP counts every rank of a tensor-parallel group in DeepSpeed's batch (they see the same samples)
+        "train_batch_size": t.global_batch * t.tensor_parallel,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.global_batch // (t.micro_batch * data_parallel),
         "gradient_clipping": cfg.optim.grad_clip,
@@ -222,6 +233,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
             ds[key] = {**ds[key], **value}
         else:
             ds[key] = value
+    if t.tensor_parallel > 1:
+        ds["tensor_parallel"] = {"autotp_size": t.tensor_parallel}
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds

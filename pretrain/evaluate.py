@@ -27,11 +27,15 @@ def validation_loss(model, loader_batches, device) -> list[float] | None:
 
 
 @torch.no_grad()
-def task_accuracy(model, tokenizer, tasks: dict, max_prompts: int, device, sync: bool) -> dict:
+def task_accuracy(model, tokenizer, tasks: dict, max_prompts: int, device, sync: bool,
+                  rank: int | None = None, world: int | None = None) -> dict:
     """{"<task>@<pass>": accuracy} for a fixed exit pass 1..T, and "<task>@gate" for the config's
     learned-gate threshold. Prompts are split over ranks in equal shares (ZeRO-3 needs every rank to
-    run the same forwards); answers are greedy, 4 new tokens, exact match on the first word."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    run the same forwards); answers are greedy, 4 new tokens, exact match on the first word.
+    rank/world: the data-parallel split (default: every rank; the ranks of a tensor-parallel group
+    share theirs, and the all-reduced counts hold each of their prompts once per rank, which cancels)."""
+    rank = dist.get_rank() if rank is None else rank
+    world = dist.get_world_size() if world is None else world
     T = model.config.total_ut_steps
     results = {}
     for task, items in sorted(tasks.items()):

@@ -34,13 +34,37 @@ def resolve(path: str | Path) -> Path:
                       f"{checkpoint.STATE_FILE}); pass a run folder or a checkpoint folder")
 
 
-def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict:
-    """fp32 weights from the shards (zero_to_fp32), or the single module file for ZeRO-0."""
+def consolidated_state_dict(ckpt: Path, zero_stage: int, tensor_parallel: int = 1, shapes: dict | None = None) -> dict:
+    """fp32 weights from the shards (zero_to_fp32), or the single module file for ZeRO-0; with tensor
+    parallelism, the module weights of every tensor-parallel rank joined (`shapes`: the full shapes)."""
+    if tensor_parallel > 1:
+        return join_tensor_parallel(ckpt, tensor_parallel, shapes)
     if zero_stage == 0:
         return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def join_tensor_parallel(ckpt: Path, size: int, shapes: dict) -> dict:
+    """AutoTP shards (mp_rank_XX_model_states.pt, one per tensor-parallel rank) -> whole tensors: a
+    shard whose dimension d is 1/size of the full one is joined along d in rank order (column-parallel
+    projections along 0, row-parallel along 1); a replicated tensor is taken from rank 0. The module
+    weights are the training dtype's (bf16 training: bf16 values)."""
+    parts = [torch.load(ckpt / f"mp_rank_{r:02d}_model_states.pt", map_location="cpu", weights_only=False)["module"]
+             for r in range(size)]
+    whole = {}
+    for key, full in shapes.items():
+        shards = [p[key] for p in parts]
+        if tuple(shards[0].shape) == tuple(full):
+            whole[key] = shards[0]
+            continue
+        dims = [d for d in range(len(full)) if shards[0].shape[d] * size == full[d]]
+        if len(dims) != 1:
+            raise ConfigError(f"checkpoint {ckpt}: {key} has shards of shape {tuple(shards[0].shape)} that do not "
+                              f"tile its full shape {tuple(full)} over {size} tensor-parallel ranks")
+        whole[key] = torch.cat(shards, dim=dims[0])
+    return whole
 
 
 def export(ckpt_path, output, dtype: str = "float32", overwrite: bool = False) -> Path:
@@ -55,7 +79,8 @@ def export(ckpt_path, output, dtype: str = "float32", overwrite: bool = False) -
     config = model_config(cfg)
     config.objective = cfg.ouro.objective
     model = LoopLMForCausalLM(config)
-    weights = consolidated_state_dict(ckpt, state["zero_stage"])
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = consolidated_state_dict(ckpt, state["zero_stage"], state.get("tensor_parallel", 1), shapes)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ConfigError(f"checkpoint {ckpt} does not match the model of its config: missing {missing[:5]}, "

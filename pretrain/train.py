@@ -24,7 +24,7 @@ from runtime.distributed import init_distributed, is_rank0, rank_errors, shared_
 from runtime.trainer import LoopState, TrainLoop
 
 from . import checkpoint as ds_checkpoint
-from .config import check_sequence_parallel, load_config, validate
+from .config import check_head_split, load_config, validate
 from .data import BlendedDataset, DataError, IndexedDataset, PackedDataset, RankBatchSampler, Tokenizer, build_loader, parse_blend
 from .data.synthetic import prepare_default_corpus, read_eval
 from .engine import build_engine, build_model, entropy_beta
@@ -189,11 +189,16 @@ class Trainer(TrainLoop):
         self.hooks = (hooks or []) + ([FaultInjection(fault)] if active else [])
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, self.out_dir)
         saved = checkpoint.read_state(self.resume_from) if self.resume_from else {}
-        sp = cfg.train.sequence_parallel
+        sp, tp = cfg.train.sequence_parallel, cfg.train.tensor_parallel
+        if saved and saved.get("tensor_parallel", 1) != tp:
+            raise ConfigError(f"config key train.tensor_parallel={tp}: the checkpoint {self.resume_from} was written with "
+                              f"{saved.get('tensor_parallel', 1)}; resume with that size (export, then train.init_from, "
+                              "to change it)")
         universal = bool(saved) and cfg.train.zero_stage > 0 and (
             saved["world_size"], saved.get("sequence_parallel", 1)) != (world, sp)
 
         self.model = build_model(cfg)
+        parameters = sum(p.numel() for p in self.model.parameters())  # before any sharding
         if cfg.data.seq_len > self.model.config.max_position_embeddings:  # init_from: known once the model is read
             err = ConfigError(f"config key data.seq_len: {cfg.data.seq_len} is longer than {cfg.model.init_from}'s "
                               f"max_position_embeddings ({self.model.config.max_position_embeddings}); lower "
@@ -201,9 +206,12 @@ class Trainer(TrainLoop):
             err.on_every_rank = True
             raise err
         self.train_set, self.valid_set, self.tokenizer, self.tasks = build_data(cfg, self.model.config, rank)
-        check_sequence_parallel(self.model.config, sp)  # init_from: the head counts are known now
+        check_head_split(self.model.config, sp, "train.sequence_parallel")  # init_from: known only now
+        check_head_split(self.model.config, tp, "train.tensor_parallel")
         self.sp = SequenceParallel(self.model, sp) if sp > 1 else None
-        self.dp = world // sp  # data-parallel ranks: each sequence-parallel group shares its samples
+        # Data-parallel ranks: a sequence-parallel group shares its samples (one slice each), a tensor-
+        # parallel group sees the same samples whole (`replicas` copies of each token's statistics).
+        self.dp, self.replicas = world // (sp * tp), tp
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.model, world, load_universal=universal,
                                                                    mpu=self.sp and self.sp.mpu)
         self.device = self.engine.device
@@ -213,7 +221,7 @@ class Trainer(TrainLoop):
         t = cfg.train
         self.guard = LossGuard(t.spike_factor, t.spike_window, t.max_bad_steps, **self.state.guard)
         self.logger = MetricsLogger(self.out_dir, cfg, enabled=rank == 0)
-        sampler = RankBatchSampler(t.global_batch, t.micro_batch, rank // sp, self.dp, self.state.consumed_samples,
+        sampler = RankBatchSampler(t.global_batch, t.micro_batch, rank // (sp * tp), self.dp, self.state.consumed_samples,
                                    None if cfg.data.on_exhaust == "wrap" else len(self.train_set))
         self.batches = iter(build_loader(self.train_set, sampler, cfg.data.num_workers))
         self.accum = sampler.accumulation_steps
@@ -227,8 +235,8 @@ class Trainer(TrainLoop):
             where = (f"resumed from {self.resume_from} (step {self.state.step}, {self.state.consumed_samples} "
                      "samples)" if self.resume_from else "from scratch")
             print(f"looplm pretrain: world {world}" + (f" (sequence parallel {sp})" if sp > 1 else "") +
-                  f", ZeRO-{t.zero_stage}, "
-                  f"{sum(p.numel() for p in self.model.parameters()):,} parameters, {where}", flush=True)
+                  (f" (tensor parallel {tp})" if tp > 1 else "") +
+                  f", ZeRO-{t.zero_stage}, {parameters:,} parameters, {where}", flush=True)
 
     def train(self):
         """Run to train.max_steps (or exit_at_step, preemption, exhausted data); returns the engine."""
@@ -265,6 +273,7 @@ class Trainer(TrainLoop):
         beta = entropy_beta(self.state.step, cfg, self.base_beta)
         targets = torch.tensor(float(sum(int((targets_of(b) != -100).sum()) for b in micro)), device=device)
         dist.all_reduce(targets)
+        targets /= self.replicas
         # DeepSpeed divides by accum and averages over the data-parallel ranks (summing over a sequence-
         # parallel group): with this normaliser the gradient is that of the global token mean.
         normalizer = targets / (accum * dp)
@@ -283,13 +292,13 @@ class Trainer(TrainLoop):
             if i == accum - 1:  # decide on the update before DeepSpeed steps the optimizer
                 stats.preempt += float(self.preemption.requested)
                 stats.all_reduce()
-                bad = self.guard.check((stats.loss / (accum * dp)).item())
+                bad = self.guard.check((stats.loss / (accum * dp * self.replicas)).item())
                 _client_optimizer(self.optimizer).skip_next_step = bad is not None
             self.engine.backward(loss)
             self.engine.step()
         self.state.step += 1
         self.state.consumed_samples += cfg.train.global_batch
-        self.state.tokens_seen += int(stats.targets.item())
+        self.state.tokens_seen += int(stats.targets.item()) // self.replicas
         stats.beta, stats.bad = beta, bad
         return stats
 
@@ -300,7 +309,7 @@ class Trainer(TrainLoop):
         tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
         tflops = self.flops * tokens_per_s / self.world / 1e12
         p = stats.per_target("exit_probs")
-        loss = (stats.loss / (self.accum * self.dp)).item()
+        loss = (stats.loss / (self.accum * self.dp * self.replicas)).item()
         record = {
             "step": step, "loss": loss, "loss_per_pass": stats.per_target("ce_per_pass"), "exit_probs": p,
             "exit_entropy": -sum(x * math.log(max(x, 1e-12)) for x in p),
@@ -328,7 +337,7 @@ class Trainer(TrainLoop):
         s, cfg = self.state, self.cfg
         return ds_checkpoint.save(self.engine, self.out_dir, s.step, {
             "consumed_samples": s.consumed_samples, "tokens_seen": s.tokens_seen, "world_size": self.world,
-            "sequence_parallel": cfg.train.sequence_parallel,
+            "sequence_parallel": cfg.train.sequence_parallel, "tensor_parallel": cfg.train.tensor_parallel,
             "zero_stage": cfg.train.zero_stage, "guard": self.guard.state(), "config": cfg.to_dict()},
             cfg.train.keep_last, before_commit=lambda: [hook.before_commit(self) for hook in self.hooks])
 
@@ -339,8 +348,9 @@ class Trainer(TrainLoop):
         module.eval()
         record = {"step": step}
         with self.sp.disabled() if self.sp is not None else contextlib.nullcontext():
+            dp_rank, dp = rank // (world // self.dp), self.dp  # a model-parallel group evaluates the same data
             if self.valid_set is not None:
-                vs = RankBatchSampler(cfg.train.micro_batch * world, cfg.train.micro_batch, rank, world, 0,
+                vs = RankBatchSampler(cfg.train.micro_batch * dp, cfg.train.micro_batch, dp_rank, dp, 0,
                                       len(self.valid_set))
                 it = iter(build_loader(self.valid_set, vs))
                 chunk = [b for _, b in zip(range(cfg.train.eval_batches), it)]
@@ -348,12 +358,12 @@ class Trainer(TrainLoop):
                 if losses is None and rank == 0:
                     print(f"warning: eval step {step}: no validation CE: the validation split holds "
                           f"{len(self.valid_set)} sequences, fewer than one micro-batch per rank "
-                          f"({cfg.train.micro_batch} x {world}); raise data.valid_fraction", file=sys.stderr, flush=True)
+                          f"({cfg.train.micro_batch} x {dp}); raise data.valid_fraction", file=sys.stderr, flush=True)
                 elif losses is not None:
                     record["valid_loss_per_pass"] = losses
             if self.tasks and self.tokenizer is not None and cfg.train.eval_max_prompts > 0:
                 record["accuracy"] = task_accuracy(module, self.tokenizer, self.tasks, cfg.train.eval_max_prompts,
-                                                   self.device, sync=cfg.train.zero_stage == 3)
+                                                   self.device, sync=cfg.train.zero_stage == 3, rank=dp_rank, world=dp)
         module.train()
         valid = record.get("valid_loss_per_pass")
         self.logger.log(record, f"eval step {step}: " + " ".join(
