@@ -24,6 +24,7 @@ from runtime.distributed import init_distributed, is_rank0, rank_errors, shared_
 from runtime.trainer import LoopState, TrainLoop
 
 from . import checkpoint as ds_checkpoint
+from . import memory
 from .config import check_head_split, load_config, validate
 from .data import BlendedDataset, DataError, IndexedDataset, PackedDataset, RankBatchSampler, Tokenizer, build_loader, parse_blend
 from .data.synthetic import prepare_default_corpus, read_eval
@@ -237,6 +238,7 @@ class Trainer(TrainLoop):
             print(f"looplm pretrain: world {world}" + (f" (sequence parallel {sp})" if sp > 1 else "") +
                   (f" (tensor parallel {tp})" if tp > 1 else "") +
                   f", ZeRO-{t.zero_stage}, {parameters:,} parameters, {where}", flush=True)
+            print("\n".join(memory.estimate(cfg, self.model.config, world).lines()), flush=True)
 
     def train(self):
         """Run to train.max_steps (or exit_at_step, preemption, exhausted data); returns the engine."""
