@@ -57,6 +57,7 @@ class AttentionMask:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     _block_mask: object = None
+    _additive: dict | None = None
 
     def dense_mask(self) -> torch.Tensor | None:
         """The (B, 1, q, k) boolean mask of the SDPA path (None: plain causal)."""
@@ -65,6 +66,20 @@ class AttentionMask:
             causal = torch.ones(d.shape[1], d.shape[1], dtype=torch.bool, device=d.device).tril()
             self.dense = ((d[:, :, None] == d[:, None, :]) & causal)[:, None]
         return self.dense
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The dense mask as SDPA's additive float mask (0 = attend, -inf = not), built once per dtype and
+        shared by every layer application: SDPA converts a boolean mask to this form on each call and
+        keeps the copy for backward, which would hold N x T copies of a (B, 1, q, k) float tensor."""
+        dense = self.dense_mask()
+        if dense is None:
+            return None
+        if self._additive is None:
+            self._additive = {}
+        if dtype not in self._additive:
+            zero = torch.zeros((), dtype=dtype, device=dense.device)
+            self._additive[dtype] = torch.where(dense, zero, torch.finfo(dtype).min)
+        return self._additive[dtype]
 
     def block_mask(self):
         """FlexAttention's document-causal block mask (packed documents only)."""
@@ -171,7 +186,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
                                          mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen, causal=True)
             return out.view(q_.shape)
         return flash_attn_func(q_, k_, v_, causal=True)
-    dense = mask.dense_mask()
+    dense = mask.additive_mask(q.dtype)
     if dense is not None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa)
     elif q.shape[2] == k.shape[2]:
