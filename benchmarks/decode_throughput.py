@@ -19,15 +19,20 @@ early-exit run are checked against `exit_skip=False` (the same result computed d
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from transformers.generation.streamers import BaseStreamer
 
-from looplm import LoopCache, LoopLMForCausalLM, compile_layers, preset_config
-from looplm.compat import CACHE_NAME
-from looplm.decode import generate_asynchronous
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.model_throughput import benchmark_config  # noqa: E402
+from looplm import LoopCache, LoopLMForCausalLM, compile_layers  # noqa: E402
+from looplm.compat import CACHE_NAME  # noqa: E402
+from looplm.decode import generate_asynchronous  # noqa: E402
 
 
 def build(args):
@@ -35,13 +40,7 @@ def build(args):
         model = LoopLMForCausalLM.from_pretrained(args.model)
         model.config.kv_sharing = args.kv_sharing
         return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
-    if args.preset == "tiny":
-        config = preset_config("tiny", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                               num_attention_heads=args.hidden // 32, num_key_value_heads=args.hidden // 32,
-                               head_dim=32, num_hidden_layers=args.layers, total_ut_steps=args.steps,
-                               kv_sharing=args.kv_sharing)
-    else:
-        config = preset_config(args.preset, kv_sharing=args.kv_sharing)
+    config = benchmark_config(args, kv_sharing=args.kv_sharing)
     torch.manual_seed(0)
     model = LoopLMForCausalLM(config)
     # A freshly initialised gate gives almost the same logit to every token (every row would exit at

@@ -29,14 +29,17 @@ from looplm import LoopLMForCausalLM, compile_layers, preset_config
 from looplm.objectives import shift_labels, stage1_loss
 
 
-def build(args):
+def benchmark_config(args, **extra):
+    """`--preset` (tiny: sized by --vocab --hidden --layers --steps, heads of 32) with `extra` keys."""
     if args.preset == "tiny":
-        config = preset_config("tiny", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                               num_attention_heads=args.hidden // 32, num_key_value_heads=args.hidden // 32,
-                               head_dim=32, num_hidden_layers=args.layers, total_ut_steps=args.steps,
-                               ce_chunk_size=args.ce_chunk)
-    else:
-        config = preset_config(args.preset, ce_chunk_size=args.ce_chunk)
+        return preset_config("tiny", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                             num_attention_heads=args.hidden // 32, num_key_value_heads=args.hidden // 32,
+                             head_dim=32, num_hidden_layers=args.layers, total_ut_steps=args.steps, **extra)
+    return preset_config(args.preset, **extra)
+
+
+def build(args):
+    config = benchmark_config(args, ce_chunk_size=args.ce_chunk)
     torch.manual_seed(0)
     return LoopLMForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype))
 

@@ -79,3 +79,15 @@ def checkpoint_weights(ckpt: Path) -> dict:
     from pretrain.export import consolidated_state_dict
 
     return consolidated_state_dict(Path(ckpt), read_state(ckpt)["zero_stage"])
+
+
+def single_and_parallel_runs(root: Path, cases: dict, overrides, parallel: dict, world: int = 2) -> None:
+    """For each case (name -> extra overrides): `single_NAME` in this process and `par_NAME` with the
+    `parallel` keys on `world` ranks, all parallel runs in one deepspeed job (tests/helpers/multi_run.py)."""
+    for name, extra in cases.items():
+        run_in_process(overrides(root / f"single_{name}", **extra))
+    spec = root / "runs.json"
+    spec.write_text(json.dumps([overrides(root / f"par_{name}", **extra, **parallel) for name, extra in cases.items()]))
+    cmd = deepspeed_cmd(world) + ["tests/helpers/multi_run.py", "--config", "configs/smoke.yaml", "--runs", str(spec)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from helpers.training import (REPO, base_overrides, checkpoint_weights, deepspeed_cmd, launch, metrics,
-                              run_in_process, step_losses)
+                              single_and_parallel_runs, step_losses)
 from pretrain.config import ConfigError, load_config, validate
 
 pytestmark = pytest.mark.slow
 STEPS, SAVE_AT = 4, 2
 SP = {"train.sequence_parallel": 2}
+CASES = {"stage1_zero0": {"train.zero_stage": 0}, "stage1_zero2": {"train.zero_stage": 2},
+         "stage2_zero1": {"train.zero_stage": 1, "ouro.objective": "stage2"}}
 
 
 def overrides(corpus, out, **extra):
@@ -26,18 +28,10 @@ def overrides(corpus, out, **extra):
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
-    """Single-process references and 2-rank sequence-parallel runs on the same global batch."""
+    """Single-process references and 2-rank sequence-parallel runs (par_*) on the same global batch."""
     root = tmp_path_factory.mktemp("sp")
-    cases = {"stage1_zero0": {"train.zero_stage": 0}, "stage1_zero2": {"train.zero_stage": 2},
-             "stage2_zero1": {"train.zero_stage": 1, "ouro.objective": "stage2"}}
-    for name, extra in cases.items():
-        run_in_process(overrides(corpus, root / f"single_{name}", **extra))
-    spec = root / "runs.json"
-    spec.write_text(json.dumps([overrides(corpus, root / f"sp_{name}", **extra, **SP) for name, extra in cases.items()]))
-    cmd = deepspeed_cmd(2) + ["tests/helpers/multi_run.py", "--config", "configs/smoke.yaml", "--runs", str(spec)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root, list(cases)
+    single_and_parallel_runs(root, CASES, lambda out, **extra: overrides(corpus, out, **extra), SP)
+    return root, list(CASES)
 
 
 def test_the_data_has_packed_documents(corpus):
@@ -52,7 +46,7 @@ def test_the_data_has_packed_documents(corpus):
 def test_sequence_parallel_losses_equal_a_single_process(runs):
     root, names = runs
     for name in names:
-        single, split = step_losses(root / f"single_{name}"), step_losses(root / f"sp_{name}")
+        single, split = step_losses(root / f"single_{name}"), step_losses(root / f"par_{name}")
         assert sorted(split) == sorted(single) == list(range(1, STEPS + 1)), name
         for step, value in single.items():
             assert split[step] == pytest.approx(value, rel=2e-5), (name, step)
@@ -63,7 +57,7 @@ def test_sequence_parallel_gradient_norms_equal_a_single_process(runs):
     root, names = runs
     for name in names:
         single, split = [[r["grad_norm"] for r in metrics(root / f"{side}_{name}") if "loss" in r]
-                         for side in ("single", "sp")]
+                         for side in ("single", "par")]
         if name.endswith("zero0"):  # ZeRO-0 reports no norm
             continue
         assert split == pytest.approx(single, rel=1e-5) and all(x > 0 for x in single), name
@@ -89,9 +83,9 @@ def test_sigkill_then_resume_with_sequence_parallelism_is_bit_identical(runs, co
     killed = launch(2, args + [f"fault.kill_at_step={SAVE_AT + 1}"], check=False)
     assert killed.returncode != 0 and max(step_losses(out)) == SAVE_AT
     launch(2, args)
-    assert step_losses(out) == step_losses(root / "sp_stage1_zero2")  # exact floats, every step
+    assert step_losses(out) == step_losses(root / "par_stage1_zero2")  # exact floats, every step
     final = checkpoint_weights(out / "checkpoints" / f"global_step{STEPS}")
-    reference = checkpoint_weights(root / "sp_stage1_zero2" / "checkpoints" / f"global_step{STEPS}")
+    reference = checkpoint_weights(root / "par_stage1_zero2" / "checkpoints" / f"global_step{STEPS}")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 

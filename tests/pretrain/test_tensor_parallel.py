@@ -3,13 +3,11 @@ real deepspeed runner: the losses and gradient norms of a single process on the 
 (stage I and II, ZeRO 0-2, packed documents), the exported folder (shards joined) gives the single
 process's logits, SIGKILL + resume bit-exactness, config errors."""
 
-import json
-import subprocess
 
 import pytest
 import torch
 
-from helpers.training import REPO, base_overrides, deepspeed_cmd, launch, metrics, run_in_process, step_losses
+from helpers.training import REPO, base_overrides, launch, metrics, run_in_process, single_and_parallel_runs, step_losses
 from pretrain.config import ConfigError, load_config, validate
 
 pytestmark = pytest.mark.slow
@@ -26,24 +24,19 @@ def overrides(corpus, out, **extra):
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
+    """Single-process references and 2-rank tensor-parallel runs (par_*) on the same global batch."""
     root = tmp_path_factory.mktemp("tp")
-    for name, extra in CASES.items():
-        run_in_process(overrides(corpus, root / f"single_{name}", **extra))
-    spec = root / "runs.json"
-    spec.write_text(json.dumps([overrides(corpus, root / f"tp_{name}", **extra, **TP) for name, extra in CASES.items()]))
-    cmd = deepspeed_cmd(2) + ["tests/helpers/multi_run.py", "--config", "configs/smoke.yaml", "--runs", str(spec)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single_and_parallel_runs(root, CASES, lambda out, **extra: overrides(corpus, out, **extra), TP)
     return root
 
 
 def test_tensor_parallel_losses_and_gradient_norms_equal_a_single_process(runs):
     for name in CASES:
-        single, split = step_losses(runs / f"single_{name}"), step_losses(runs / f"tp_{name}")
+        single, split = step_losses(runs / f"single_{name}"), step_losses(runs / f"par_{name}")
         assert sorted(split) == sorted(single) == list(range(1, STEPS + 1)), name
         for step, value in single.items():
             assert split[step] == pytest.approx(value, rel=2e-5), (name, step)
-        norms = [[r["grad_norm"] for r in metrics(runs / f"{side}_{name}") if "loss" in r] for side in ("single", "tp")]
+        norms = [[r["grad_norm"] for r in metrics(runs / f"{side}_{name}") if "loss" in r] for side in ("single", "par")]
         if norms[0][0] is not None:  # ZeRO-0 reports none
             assert norms[1] == pytest.approx(norms[0], rel=1e-5), name
 
@@ -56,7 +49,7 @@ def test_tensor_parallel_export_joins_the_shards(runs, tmp_path):
     ids = torch.randint(0, 256, (2, 12))
     for name in CASES:
         logits = []
-        for side in ("single", "tp"):
+        for side in ("single", "par"):
             model = LoopLMForCausalLM.from_pretrained(export(runs / f"{side}_{name}", tmp_path / f"{side}_{name}")).eval()
             with torch.no_grad():
                 logits.append(model(ids, use_cache=False).logits)
@@ -69,14 +62,14 @@ def test_sigkill_then_resume_with_tensor_parallelism_is_bit_identical(runs, corp
     killed = launch(2, args + [f"fault.kill_at_step={SAVE_AT + 1}"], check=False)
     assert killed.returncode != 0 and max(step_losses(out)) == SAVE_AT
     launch(2, args)
-    assert step_losses(out) == step_losses(runs / "tp_stage1_zero1")  # exact floats, every step
+    assert step_losses(out) == step_losses(runs / "par_stage1_zero1")  # exact floats, every step
 
 
 def test_resuming_with_another_tensor_parallel_size_is_refused(runs, corpus, tmp_path):
     import shutil
 
     out = tmp_path / "copy"
-    shutil.copytree(runs / "tp_stage1_zero1", out)
+    shutil.copytree(runs / "par_stage1_zero1", out)
     with pytest.raises(ConfigError, match="tensor_parallel=1.*written with 2"):
         run_in_process(overrides(corpus, out, **CASES["stage1_zero1"], **{"train.max_steps": STEPS + 1}))
 
