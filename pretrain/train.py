@@ -197,6 +197,12 @@ class Trainer(TrainLoop):
                               "to change it)")
         universal = bool(saved) and cfg.train.zero_stage > 0 and (
             saved["world_size"], saved.get("sequence_parallel", 1)) != (world, sp)
+        if universal and max(saved.get("sequence_parallel", 1), sp) > 1:
+            raise ConfigError(f"config key train.sequence_parallel={sp}: the checkpoint {self.resume_from} was written "
+                              f"by {saved['world_size']} ranks with train.sequence_parallel="
+                              f"{saved.get('sequence_parallel', 1)}, and DeepSpeed's universal checkpoint cannot "
+                              "convert a sequence-parallel ZeRO checkpoint; resume with that world size and "
+                              "sequence_parallel, or export it and start a run from model.init_from")
 
         self.model = build_model(cfg)
         parameters = sum(p.numel() for p in self.model.parameters())  # before any sharding

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers.training import (REPO, base_overrides, checkpoint_weights, deepspeed_cmd, launch, metrics,
-                              single_and_parallel_runs, step_losses)
+                              run_in_process, single_and_parallel_runs, step_losses)
 from pretrain.config import ConfigError, load_config, validate
 
 pytestmark = pytest.mark.slow
@@ -87,6 +87,16 @@ def test_sigkill_then_resume_with_sequence_parallelism_is_bit_identical(runs, co
     final = checkpoint_weights(out / "checkpoints" / f"global_step{STEPS}")
     reference = checkpoint_weights(root / "par_stage1_zero2" / "checkpoints" / f"global_step{STEPS}")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_resuming_onto_another_sequence_parallel_layout_is_refused_with_the_way_out(runs, corpus, tmp_path):
+    """DeepSpeed's universal conversion (ds_to_universal) fails on a sequence-parallel ZeRO checkpoint."""
+    import shutil
+
+    root, _ = runs
+    shutil.copytree(root / "par_stage1_zero2", tmp_path / "copy")
+    with pytest.raises(ConfigError, match="universal checkpoint cannot convert.*model.init_from"):
+        run_in_process(overrides(corpus, tmp_path / "copy", **{"train.zero_stage": 2, "train.max_steps": STEPS + 1}))
 
 
 @pytest.mark.parametrize("extra, world, message", [
