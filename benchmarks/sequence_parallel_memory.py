@@ -6,6 +6,7 @@ pretrain/memory.py is printed beside it.
 
     python benchmarks/sequence_parallel_memory.py                      # seq 2048 4096 8192, CPU
     python benchmarks/sequence_parallel_memory.py --seq 4096 16384 --cap-mib 6000
+    python benchmarks/sequence_parallel_memory.py --seq 8192 --override train.tiled_mlp=4
 """
 
 import argparse
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def overrides(out: Path, seq: int, sp: int, corpus: Path) -> list[str]:
+def overrides(out: Path, seq: int, sp: int, corpus: Path, extra: list[str]) -> list[str]:
     return [
         "model.overrides={vocab_size: 256, hidden_size: 256, intermediate_size: 512, num_hidden_layers: 2, "
         "num_attention_heads: 4, num_key_value_heads: 4, head_dim: 64, total_ut_steps: 4, "
@@ -27,13 +28,13 @@ def overrides(out: Path, seq: int, sp: int, corpus: Path) -> list[str]:
         f"data.default_corpus_dir={corpus}", f"data.seq_len={seq}", "data.valid_fraction=0.0",
         "train.global_batch=1", "train.micro_batch=1", "train.bf16=false", "train.zero_stage=0",
         "train.max_steps=2", "train.save_every=1000", "train.eval_max_prompts=0", "train.log_every=1",
-        f"train.sequence_parallel={sp}", f"train.output_dir={out}", "train.spike_factor=0",
+        f"train.sequence_parallel={sp}", f"train.output_dir={out}", "train.spike_factor=0", *extra,
     ]
 
 
-def run(seq: int, sp: int, root: Path, corpus: Path) -> dict:
+def run(seq: int, sp: int, root: Path, corpus: Path, extra: list[str]) -> dict:
     out = root / f"seq{seq}_sp{sp}"
-    args = overrides(out, seq, sp, corpus)
+    args = overrides(out, seq, sp, corpus, extra)
     if sp == 1:
         cmd = [sys.executable, "-m", "pretrain.train", "--config", "configs/smoke.yaml", *args]
     else:
@@ -46,7 +47,7 @@ def run(seq: int, sp: int, root: Path, corpus: Path) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ranks = next(r["memory_per_rank"] for r in records if "memory_per_rank" in r)
     estimate = next((line for line in proc.stdout.splitlines() if line.startswith("memory estimate")), "")
-    return {"seq": seq, "sp": sp, "peak_mib_per_rank": [r["peak_mib"] for r in ranks],
+    return {"seq": seq, "sp": sp, "overrides": extra, "peak_mib_per_rank": [r["peak_mib"] for r in ranks],
             "tokens_per_s": [r["tokens_per_s"] for r in records if "tokens_per_s" in r][-1], "estimate": estimate}
 
 
@@ -54,6 +55,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--cap-mib", type=float, default=None, help="a per-rank memory budget to compare the peaks with")
+    p.add_argument("--override", nargs="*", default=[], help="more config overrides, e.g. train.tiled_mlp=4")
     p.add_argument("--output", help="also write the rows to this JSON file")
     args = p.parse_args()
     from pretrain.data.synthetic import prepare_default_corpus
@@ -64,7 +66,7 @@ def main():
         prepare_default_corpus(root / "corpus", seed=1234)
         for seq in args.seq:
             for sp in (1, 2):
-                rows.append(run(seq, sp, root, root / "corpus"))
+                rows.append(run(seq, sp, root, root / "corpus", args.override))
                 print(json.dumps(rows[-1]), flush=True)
     print("\n| seq len | sequence parallel | peak MiB per rank | tokens/s |" + (" fits the cap |" if args.cap_mib else ""))
     print("|---|---|---|---|" + ("---|" if args.cap_mib else ""))

@@ -70,6 +70,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each shared layer once (regional compilation; README: when it pays)
     sequence_parallel: int = 1  # split every sequence over this many ranks (DeepSpeed Ulysses; README: Parallelism)
     tensor_parallel: int = 1  # shard the shared layers' projections over this many ranks (DeepSpeed AutoTP, ZeRO 0-2)
+    tiled_mlp: int = 1  # run each MLP over this many slices of the sequence (DeepSpeed TiledMLP; long contexts)
     seed: int = 1234
     save_every: int = 1000
     keep_last: int = 3
@@ -146,6 +147,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         (t.micro_batch > 0 and t.global_batch > 0, "train.global_batch", "batch sizes must be positive"),
         (t.sequence_parallel >= 1, "train.sequence_parallel", "must be 1 (off) or more ranks per sequence"),
         (t.tensor_parallel >= 1, "train.tensor_parallel", "must be 1 (off) or more ranks per layer"),
+        (t.tiled_mlp >= 1, "train.tiled_mlp", "must be 1 (off) or more slices of the sequence"),
         (t.tensor_parallel == 1 or t.zero_stage <= 2, "train.tensor_parallel",
          f"AutoTP trains with ZeRO 0-2, not train.zero_stage={t.zero_stage}; lower the stage"),
         (t.tensor_parallel == 1 or t.sequence_parallel == 1, "train.tensor_parallel",

@@ -25,6 +25,10 @@ def build_model(cfg: RunConfig) -> LoopLMForCausalLM:
         model = LoopLMForCausalLM(model_config(cfg))
     if cfg.train.activation_checkpointing:  # one checkpoint per (pass, layer) application
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.tiled_mlp > 1:
+        from .parallel import tile_mlps
+
+        tile_mlps(model, cfg.train.tiled_mlp)
     if cfg.train.compile:
         compile_layers(model)
     if cfg.ouro.objective == "stage2":  # stage II: the LM is frozen, only the exit gate trains

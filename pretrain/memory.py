@@ -10,7 +10,8 @@ projections (not the embedding, head, norms and gate).
 Activations (an estimate, bytes kept for backward per token): a looped model keeps every (pass,
 layer) application's activations, T x N of them. Per application and token, in the training dtype:
 the sandwich layer's 4 norm inputs and outputs and 2 residual sums (12 d), q, k, v before and after
-RoPE (2 (q + 2 kv)), the attention output (q), the MLP's gate, up, activation and product (4 f);
+RoPE (2 (q + 2 kv)), the attention output (q), the MLP's gate, up, activation and product (4 f; none
+with `train.tiled_mlp`);
 tensor parallelism divides the projection terms. With activation checkpointing only each
 application's input (d) is kept, plus one application's full set during its recomputation. Plus per
 pass the final-norm hidden state and, for the fused loss, its stored gradient (fp32), and one chunk
@@ -73,7 +74,8 @@ def estimate(cfg, model_config, world_size: int) -> MemoryEstimate:
     tokens = t.micro_batch * cfg.data.seq_len / sp  # per rank per micro-batch
     d, f = c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    per_application = (12 * d + (2 * (q + 2 * kv) + q + 4 * f) / tp) * dtype
+    mlp = 4 * f if t.tiled_mlp == 1 else 0  # TiledMLP keeps no MLP intermediates (recomputed per tile)
+    per_application = (12 * d + (2 * (q + 2 * kv) + q + mlp) / tp) * dtype
     applications = c.total_ut_steps * c.num_hidden_layers
     if t.activation_checkpointing:
         layers = (applications * d * dtype + per_application) * tokens

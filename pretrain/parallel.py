@@ -1,4 +1,5 @@
-"""Sequence parallelism (DeepSpeed Ulysses) for pretraining: `train.sequence_parallel: N`.
+"""Sequence parallelism (DeepSpeed Ulysses) for pretraining: `train.sequence_parallel: N`; and
+DeepSpeed's TiledMLP over the sequence: `train.tiled_mlp: tiles` (`tile_mlps`).
 
 Every sample's sequence is split over N consecutive ranks (a sequence-parallel group); the data
 sampler, ZeRO's averaging and the batch arithmetic see world / N data-parallel ranks. Each rank
@@ -78,6 +79,27 @@ class SequenceParallel:
         finally:
             for attn, fn in zip(self.layers, saved):
                 attn.attention_fn = fn
+
+
+def tile_mlps(model, tiles: int) -> None:
+    """DeepSpeed's TiledMLP (ALST) on every shared layer's MLP (`train.tiled_mlp: tiles`): the MLP runs
+    over `tiles` slices of the sequence without keeping its intermediates (gate, up, activation,
+    product: 4 x intermediate_size values per token and application) and recomputes them slice by slice
+    in backward, so they never exist for the whole sequence at once. Without grad (evaluation,
+    generation) the plain forward runs."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        params = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+        plain = type(mlp).forward
+
+        def forward(x, mlp=mlp, params=params, plain=plain):
+            if not torch.is_grad_enabled():
+                return plain(mlp, x)
+            return TiledMLP.apply(plain, mlp, x, tiles, params)
+
+        mlp.forward = forward
 
 
 def targets_of(batch: dict) -> torch.Tensor:

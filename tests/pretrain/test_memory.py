@@ -57,3 +57,36 @@ def test_the_command_prints_the_estimate(capsys):
     main(["--config", REPO_CONFIG, "--world-size", "64"])
     out = capsys.readouterr().out
     assert out.startswith("memory estimate per GPU:") and "1,434,652,673 parameters" in out
+
+
+def test_tiled_mlp_gives_the_plain_losses_and_gradients():
+    """train.tiled_mlp (DeepSpeed's TiledMLP over the sequence): same loss and gradients as the plain MLP."""
+    import torch
+
+    from pretrain.parallel import tile_mlps
+
+    c = preset_config("tiny", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, total_ut_steps=3)
+    ids = torch.randint(0, 128, (2, 48))
+    runs = []
+    for tiles in (1, 4):
+        torch.manual_seed(0)
+        model = LoopLMForCausalLM(c)
+        if tiles > 1:
+            tile_mlps(model, tiles)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, g_plain), (tiled, g_tiled) = runs
+    torch.testing.assert_close(tiled, plain, rtol=1e-6, atol=0)
+    for name in g_plain:
+        torch.testing.assert_close(g_tiled[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_tiled_mlp_removes_the_mlp_intermediates_from_the_estimate():
+    c = preset_config("ouro-1.4b")
+    plain = estimate(config(**{"train.activation_checkpointing": False}), c, 64)
+    tiled = estimate(config(**{"train.activation_checkpointing": False, "train.tiled_mlp": 4}), c, 64)
+    tokens = 65536 // 8
+    saved = c.total_ut_steps * c.num_hidden_layers * 4 * c.intermediate_size * 2 * tokens
+    assert plain.activations - tiled.activations == pytest.approx(saved)
