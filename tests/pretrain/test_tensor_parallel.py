@@ -1,13 +1,17 @@
 """Tensor parallelism (train.tensor_parallel, DeepSpeed AutoTP) on 2 CPU ranks with gloo, under the
 real deepspeed runner: the losses and gradient norms of a single process on the same global batch
-(stage I and II, ZeRO 0-2, packed documents), the exported folder (shards joined) gives the single
+(stage I and II, ZeRO 0-2, packed documents), every parameter's gradient of one step, the exported folder (shards joined) gives the single
 process's logits, SIGKILL + resume bit-exactness, config errors."""
 
+
+import json
+import subprocess
 
 import pytest
 import torch
 
-from helpers.training import REPO, base_overrides, launch, metrics, run_in_process, single_and_parallel_runs, step_losses
+from helpers.training import (REPO, base_overrides, deepspeed_cmd, launch, metrics, run_in_process,
+                              single_and_parallel_runs, step_losses)
 from pretrain.config import ConfigError, load_config, validate
 
 pytestmark = pytest.mark.slow
@@ -39,6 +43,19 @@ def test_tensor_parallel_losses_and_gradient_norms_equal_a_single_process(runs):
         norms = [[r["grad_norm"] for r in metrics(runs / f"{side}_{name}") if "loss" in r] for side in ("single", "par")]
         if norms[0][0] is not None:  # ZeRO-0 reports none
             assert norms[1] == pytest.approx(norms[0], rel=1e-5), name
+
+
+def test_tensor_parallel_gradients_equal_a_single_process(tmp_path):
+    """Every parameter's gradient of one step, stage I and II, packed documents: AutoTP shards gathered
+    over the group and joined, against the whole model back-propagated in one process."""
+    out = tmp_path / "grads.json"
+    cmd = deepspeed_cmd(2) + ["tests/helpers/tp_gradients.py", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for objective, r in json.loads(out.read_text()).items():
+        assert r["sharded_parameters"] == 14 and r["parameters_compared"] == 27, objective  # 7 projections x 2 layers
+        assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-6), objective
+        assert r["max_abs_diff"] <= 2e-6 * max(r["max_abs_grad"], 1.0), objective
 
 
 def test_tensor_parallel_export_joins_the_shards(runs, tmp_path):
