@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pretrain.data.errors import DataError
+from pretrain.data.synthetic import read_eval
 from runtime.cli import cli_main
 from runtime.config import ConfigError
 
@@ -30,17 +32,10 @@ def check_held_out(eval_file: Path) -> int:
     """The number of records; raises ConfigError for a file that is not a held-out task file."""
     if not eval_file.is_file():
         raise ConfigError(f"{eval_file} does not exist")
-    prompts = []
-    with open(eval_file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-                prompt, answer = record["prompt"], record["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ConfigError(f"{eval_file}:{n}: not a held-out record {{\"prompt\", \"answer\"}} ({err!r})") from err
-            if not isinstance(prompt, str) or not isinstance(answer, str):
-                raise ConfigError(f"{eval_file}:{n}: prompt and answer must be strings")
-            prompts.append(prompt)
+    try:
+        prompts = [prompt for prompt, _ in read_eval(eval_file)]
+    except DataError as err:
+        raise ConfigError(str(err)) from err
     if not prompts:
         raise ConfigError(f"{eval_file} holds no records")
     train = eval_file.with_name("train.jsonl")

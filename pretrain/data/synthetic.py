@@ -132,8 +132,23 @@ def write_default_corpus(out_dir: str | Path, seed: int = 0, **kwargs) -> dict:
 
 
 def read_eval(path: str | Path) -> list[tuple[str, str]]:
-    with open(path) as f:
-        return [(r["prompt"], r["answer"]) for r in map(json.loads, f)]
+    """The held-out problems of an eval_<task>.jsonl: (prompt, answer) of each {"prompt", "answer"}
+    record; any other line (a training file's {"text"}, broken JSON, non-text values) is a DataError
+    naming the file and line."""
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                prompt, answer = record["prompt"], record["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f"{path}:{n}: not a held-out record {{\"prompt\", \"answer\"}} ({err!r})") from err
+            if not isinstance(prompt, str) or not isinstance(answer, str):
+                raise DataError(f"{path}:{n}: prompt and answer must be strings")
+            problems.append((prompt, answer))
+    return problems
 
 
 def bound_arguments(fn, *args, **kwargs) -> dict:
