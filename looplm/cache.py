@@ -68,8 +68,7 @@ class LoopCache(Cache):
         elif self.kv.shape[3] != batch:
             raise ValueError(f"this cache holds {self.kv.shape[3]} rows, the call has {batch}")
         if self.sharing == "mean":
-            self._pending = self.kv.new_empty(2, num_steps, self.num_layers, batch, *self.kv.shape[4:5], new_tokens,
-                                              self.kv.shape[6])
+            self._pending = self.kv.new_empty(2, num_steps, self.num_layers, batch, kv_heads, new_tokens, head_dim)
 
     @torch.compiler.disable  # in-place bookkeeping on Python ints: compiled layers call it eagerly (no guard per slot)
     def update(self, step: int, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None,

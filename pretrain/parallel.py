@@ -29,7 +29,6 @@ from looplm.objectives import shift_labels
 
 class SequenceParallel:
     def __init__(self, model, size: int):
-        from deepspeed import comm as dist
         from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
         from deepspeed.sequence.layer import DistributedAttention
 
@@ -38,7 +37,6 @@ class SequenceParallel:
         mpu.initialize_sequence_parallel(size)
         self.mpu, self.size = mpu, size
         self.rank = mpu.get_sequence_parallel_rank()
-        self.data_parallel_rank = dist.get_rank() // size  # groups are consecutive ranks
         self.mask = None  # the whole sequence's AttentionMask of the current micro-batch
         self.layers = [layer.self_attn for layer in model.model.layers]
         group = mpu.get_sequence_parallel_group()

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import yaml
 
-
 from runtime import checkpoint
 from runtime.config import ConfigError
 from runtime.distributed import init_distributed, is_rank0, rank_errors, shared_out, shutdown_distributed
@@ -219,6 +218,7 @@ class Trainer(TrainLoop):
         # Data-parallel ranks: a sequence-parallel group shares its samples (one slice each), a tensor-
         # parallel group sees the same samples whole (`replicas` copies of each token's statistics).
         self.dp, self.replicas = world // (sp * tp), tp
+        self.dp_rank = rank // (sp * tp)  # groups are consecutive ranks
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.model, world, load_universal=universal,
                                                                    mpu=self.sp and self.sp.mpu)
         self.device = self.engine.device
@@ -228,7 +228,7 @@ class Trainer(TrainLoop):
         t = cfg.train
         self.guard = LossGuard(t.spike_factor, t.spike_window, t.max_bad_steps, **self.state.guard)
         self.logger = MetricsLogger(self.out_dir, cfg, enabled=rank == 0)
-        sampler = RankBatchSampler(t.global_batch, t.micro_batch, rank // (sp * tp), self.dp, self.state.consumed_samples,
+        sampler = RankBatchSampler(t.global_batch, t.micro_batch, self.dp_rank, self.dp, self.state.consumed_samples,
                                    None if cfg.data.on_exhaust == "wrap" else len(self.train_set))
         self.batches = iter(build_loader(self.train_set, sampler, cfg.data.num_workers))
         self.accum = sampler.accumulation_steps
@@ -300,7 +300,7 @@ class Trainer(TrainLoop):
             if i == accum - 1:  # decide on the update before DeepSpeed steps the optimizer
                 stats.preempt += float(self.preemption.requested)
                 stats.all_reduce()
-                bad = self.guard.check((stats.loss / (accum * dp * self.replicas)).item())
+                bad = self.guard.check(self.mean_loss(stats))
                 _client_optimizer(self.optimizer).skip_next_step = bad is not None
             self.engine.backward(loss)
             self.engine.step()
@@ -310,6 +310,10 @@ class Trainer(TrainLoop):
         stats.beta, stats.bad = beta, bad
         return stats
 
+    def mean_loss(self, stats: StepStats) -> float:
+        """The step's loss: the reduced sum of every rank's micro-batch losses, each counted once."""
+        return (stats.loss / (self.accum * self.dp * self.replicas)).item()
+
     def log(self, stats: StepStats, seconds: float) -> None:
         """The step's record to metrics.jsonl (every step) and the console (every log_every steps); a bad
         step is always reported, and too many in a row abort the run."""
@@ -317,7 +321,7 @@ class Trainer(TrainLoop):
         tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
         tflops = self.flops * tokens_per_s / self.world / 1e12
         p = stats.per_target("exit_probs")
-        loss = (stats.loss / (self.accum * self.dp * self.replicas)).item()
+        loss = self.mean_loss(stats)
         record = {
             "step": step, "loss": loss, "loss_per_pass": stats.per_target("ce_per_pass"), "exit_probs": p,
             "exit_entropy": -sum(x * math.log(max(x, 1e-12)) for x in p),
@@ -352,11 +356,11 @@ class Trainer(TrainLoop):
     def evaluate(self) -> dict:
         """Validation CE per pass and exact-match accuracy of the eval tasks per exit pass (collective).
         Whole sequences on every rank, also under sequence parallelism."""
-        cfg, rank, world, step, module = self.cfg, self.rank, self.world, self.state.step, self.engine.module
+        cfg, rank, step, module = self.cfg, self.rank, self.state.step, self.engine.module
+        dp_rank, dp = self.dp_rank, self.dp  # a model-parallel group evaluates the same data
         module.eval()
         record = {"step": step}
         with self.sp.disabled() if self.sp is not None else contextlib.nullcontext():
-            dp_rank, dp = rank // (world // self.dp), self.dp  # a model-parallel group evaluates the same data
             if self.valid_set is not None:
                 vs = RankBatchSampler(cfg.train.micro_batch * dp, cfg.train.micro_batch, dp_rank, dp, 0,
                                       len(self.valid_set))

@@ -13,12 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looplm import LoopLMForCausalLM, preset_config  # noqa: E402
+from helpers.models import packed_batch, parallel_test_model  # noqa: E402
 from pretrain.parallel import SequenceParallel  # noqa: E402
 from runtime.distributed import init_distributed, shutdown_distributed  # noqa: E402
 
@@ -27,17 +27,10 @@ p.add_argument("--out", required=True)
 p.add_argument("--local_rank", type=int)
 args = p.parse_args()
 rank, world = init_distributed()
-torch.manual_seed(0)
-model = LoopLMForCausalLM(preset_config("tiny", vocab_size=128, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=16, total_ut_steps=3))
-S = 32
-ids = torch.randint(0, 128, (2, S))
-positions = torch.cat([torch.arange(n) for n in (5, 14, 13)] + [torch.arange(n) for n in (20, 12)]).view(2, S)
-labels = torch.where(positions == 0, -100, ids)
-labels[0, 7] = -100  # an ignored target inside a document
-batch = {"input_ids": ids, "position_ids": positions, "labels": labels}
-targets = int((labels[:, 1:] != -100).sum())
+model = parallel_test_model()
+batch = packed_batch()
+targets = int((batch["labels"][:, 1:] != -100).sum())
+sp = SequenceParallel(model, world)
 
 
 def gradients(**kw):
@@ -49,13 +42,11 @@ def gradients(**kw):
 
 result = {}
 for objective in ("stage1", "stage2"):
-    ref_loss, ref = gradients(**batch, objective=objective)
-    sp = SequenceParallel(model, world)
+    with sp.disabled():  # the reference: the whole sequence, plain attention
+        ref_loss, ref = gradients(**batch, objective=objective)
     part = sp.shard(batch)
     sp.mask = part.pop("mask")
     loss, grads = gradients(**part, objective=objective, num_items_in_batch=targets)
-    for attn in sp.layers:  # back to whole sequences for the next reference
-        attn.attention_fn = None
     dist.all_reduce(loss)
     for g in grads.values():
         dist.all_reduce(g)

@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looplm import LoopLMForCausalLM, preset_config  # noqa: E402
+from helpers.models import packed_batch, parallel_test_model  # noqa: E402
 from runtime.distributed import init_distributed, shutdown_distributed  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -30,17 +31,10 @@ args = p.parse_args()
 rank, world = init_distributed()
 import deepspeed  # noqa: E402
 
-S = 32
-ids = torch.randint(0, 128, (2, S), generator=torch.Generator().manual_seed(0))
-positions = torch.cat([torch.arange(n) for n in (5, 14, 13)] + [torch.arange(n) for n in (20, 12)]).view(2, S)
-labels = torch.where(positions == 0, -100, ids)
-batch = {"input_ids": ids, "position_ids": positions, "labels": labels}
+batch = packed_batch()
 result = {}
 for objective in ("stage1", "stage2"):
-    torch.manual_seed(0)
-    model = LoopLMForCausalLM(preset_config("tiny", vocab_size=128, hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            head_dim=16, total_ut_steps=3))
+    model = parallel_test_model()
     reference = copy.deepcopy(model)
     ref_loss = reference(**batch, objective=objective).loss
     ref_loss.backward()
