@@ -8,11 +8,20 @@ Compute bound: FLOPs per decoded token at full depth over FLOPs at the measured 
 passes, with the LM head, the embedding row and attention over the mean context counted, so the
 best an implementation can do is `bound`; `share` = measured speedup / bound. The tokens of the
 early-exit run are checked against `exit_skip=False` (the same result computed densely).
+`fixed_batch_row_balance` = mean over rows of a row's passes in all / the most any row needs: what a
+fixed batch decoded pass-asynchronously can reach at best, since finished rows idle until the last ends.
+
+`--static`: also `generate_asynchronous(static=True)`, the fixed-shape tick, captured as a CUDA
+graph on a GPU (`cuda_graph=True`). `--requests R`: continuous batching (`looplm.generate_continuous`): R prompts queued on each batch
+size, full depth vs early exit on the same scheduler; the prompts' prefills (identical in both) are
+timed and taken out, so this too is decoding only.
 
     python benchmarks/decode_throughput.py                                   # the issue-15 setting
     python benchmarks/decode_throughput.py --batch 1 8 --prompt 256 --new-tokens 128 --repeats 5
     python benchmarks/decode_throughput.py --model runs/smoke/hf --prompt 128   # a trained gate
     python benchmarks/decode_throughput.py --compile                          # compiled shared layers
+    python benchmarks/decode_throughput.py --model runs/smoke/hf --prompt 128 --batch 8 --requests 32
+    python benchmarks/decode_throughput.py --device cuda --dtype bfloat16 --static   # + CUDA-graph ticks
     python benchmarks/decode_throughput.py --preset ouro-1.4b --device cuda --dtype bfloat16
 """
 
@@ -32,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.model_throughput import benchmark_config  # noqa: E402
 from looplm import LoopCache, LoopLMForCausalLM, compile_layers  # noqa: E402
 from looplm.compat import CACHE_NAME  # noqa: E402
-from looplm.decode import generate_asynchronous  # noqa: E402
+from looplm.decode import generate_asynchronous, generate_continuous  # noqa: E402
 
 
 def build(args):
@@ -110,6 +119,9 @@ def bench_batch(model, args, batch):
     variants = {"full_depth": {"exit_threshold": 1.0}, "early_exit": {"exit_threshold": q}}
     if config.kv_sharing == "last":  # pass-asynchronous decoding (looplm/decode.py) needs the "last" cache
         variants["early_exit_async"] = {"exit_threshold": q, "asynchronous": True}
+        if getattr(args, "static", False):  # fixed-shape ticks; captured as a CUDA graph on a GPU
+            graph = "cuda_graph" if args.device.startswith("cuda") else "static"
+            variants["early_exit_async_static"] = {"exit_threshold": q, "asynchronous": True, graph: True}
     for kw in variants.values():
         timed_generate(model, prompt, 4, args.device, **kw)  # warm-up
     seconds = {name: [] for name in variants}
@@ -147,8 +159,70 @@ def bench_batch(model, args, batch):
         "tokens_equal_dense": bool(torch.equal(dense, outputs["early_exit"])),
         "async_tokens_equal_lockstep": (bool(torch.equal(outputs["early_exit_async"], outputs["early_exit"]))
                                         if "early_exit_async" in outputs else None),
+        "static_tokens_equal_lockstep": (bool(torch.equal(outputs["early_exit_async_static"], outputs["early_exit"]))
+                                         if "early_exit_async_static" in outputs else None),
         "exit_pass_histogram": torch.bincount(exits.flatten(), minlength=T).tolist(),
         "steps_with_rows_at_different_passes": float((exits.max(0).values != exits.min(0).values).float().mean()),
+        "fixed_batch_row_balance": float((exits + 1).sum(1).float().mean() / (exits + 1).sum(1).max()),
+    }
+
+
+def timed_continuous(model, prompts, new_tokens, device, **kw):
+    """generate_continuous -> (outputs, decode seconds, decode layer applications): the prompts'
+    prefills (model.forward calls, the same in every variant) are timed and subtracted."""
+    core, sync = model.model, (torch.cuda.synchronize if device.startswith("cuda") else lambda: None)
+    prefill = {"seconds": 0.0, "applications": 0}
+    forward = model.forward
+
+    def timed_forward(*a, **k):
+        sync()
+        start, applications = time.perf_counter(), core.layer_token_applications
+        out = forward(*a, **k)
+        sync()
+        prefill["seconds"] += time.perf_counter() - start
+        prefill["applications"] += core.layer_token_applications - applications
+        return out
+
+    model.forward, core.layer_token_applications = timed_forward, 0
+    try:
+        sync()
+        start = time.perf_counter()
+        out = generate_continuous(model, prompts, new_tokens, **kw)
+        sync()
+        seconds = time.perf_counter() - start
+    finally:
+        del model.forward
+    return out, seconds - prefill["seconds"], core.layer_token_applications - prefill["applications"]
+
+
+@torch.no_grad()
+def bench_continuous(model, args, batch):
+    config, T, N = model.config, model.config.total_ut_steps, model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(1000 + batch)
+    prompts = torch.randint(1, config.vocab_size, (args.requests, args.prompt), generator=g).to(args.device)
+    q = half_depth_threshold(model, prompts[:batch])
+    variants = {"full_depth": {"exit_at_step": T - 1}, "early_exit": {"exit_threshold": q}}
+    for kw in variants.values():
+        timed_continuous(model, list(prompts[:batch]), 4, args.device, batch_size=batch, **kw)  # warm-up
+    seconds, outputs = {name: [] for name in variants}, {}
+    for _ in range(args.repeats):
+        for name, kw in variants.items():
+            outputs[name], s, applications = timed_continuous(model, list(prompts), args.new_tokens, args.device,
+                                                              batch_size=batch, **kw)
+            seconds[name].append(s)
+    new = sum(len(o) - 1 for o in outputs["early_exit"])  # timed: every token after the prefill's
+    passes = applications / N / new
+    context = args.prompt + args.new_tokens / 2
+    bound = token_flops(config, T, context) / token_flops(config, passes, context)
+    rate = {name: [new / s for s in ss] for name, ss in seconds.items()}
+    full, early = rate["full_depth"], rate["early_exit"]
+    speedup = {"median": statistics.median(early) / statistics.median(full), "min": min(early) / min(full)}
+    fixed = generate_asynchronous(model, prompts[:batch], args.new_tokens, exit_threshold=q)[:, args.prompt:]
+    return {
+        "batch": batch, "requests": args.requests, "threshold": q, "mean_passes": passes,
+        "tokens_per_s": {name: {"min": min(r), "median": statistics.median(r)} for name, r in rate.items()},
+        "speedup": speedup, "compute_bound": bound, "share_of_bound_median": speedup["median"] / bound,
+        "tokens_equal_fixed_batch_async": all(torch.equal(a, b) for a, b in zip(outputs["early_exit"], fixed)),
     }
 
 
@@ -170,6 +244,10 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of full depth and early exit")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--static", action="store_true", help="also the pass-asynchronous decoder's static tick "
+                   "(generate_asynchronous(static=True); captured as a CUDA graph on a GPU)")
+    p.add_argument("--requests", type=int, default=0,
+                   help="also measure continuous batching of this many queued prompts at each batch size")
     p.add_argument("--compile", action="store_true", help="compile the shared layers (looplm.compile_layers)")
     p.add_argument("--output", help="also write the report to this JSON file")
     args = p.parse_args()
@@ -177,6 +255,8 @@ def main():
     if args.compile:
         compile_layers(model, dynamic=True)
     report = {"config": vars(args), "results": [bench_batch(model, args, b) for b in args.batch]}
+    if args.requests:
+        report["continuous"] = [bench_continuous(model, args, b) for b in args.batch]
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

@@ -15,7 +15,10 @@ Rows:
    (pretrain.metrics.flops_per_token), peak memory.
 3. decoding, batch 1 and 8 ("last" KV sharing): full depth against early exit at a threshold that
    gives about half the passes, lock-step (generate) and pass-asynchronous (looplm.decode), decode
-   tokens/s, speedups and the compute bound (benchmarks/decode_throughput.py's measurement).
+   tokens/s, speedups and the compute bound (benchmarks/decode_throughput.py's measurement), the
+   static tick (captured as a CUDA graph on a GPU: "static_speedup"); and
+   continuous batching of a queue of prompts on 8 rows (looplm.generate_continuous; its figures in
+   the async columns).
 """
 
 import argparse
@@ -30,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode_throughput import bench_batch, build  # noqa: E402
+from benchmarks.decode_throughput import bench_batch, bench_continuous, build  # noqa: E402
 from looplm import LoopLMForCausalLM, compile_layers, preset_config  # noqa: E402
 from looplm.attention import attention, build_attention_mask, flash_attn_func, flex_attention  # noqa: E402
 from pretrain.metrics import flops_per_token  # noqa: E402
@@ -143,7 +146,7 @@ def decode_rows(args, device, dtype) -> list[dict]:
     ns = Namespace(model=None, preset="tiny" if args.tiny else args.preset, vocab=TINY["vocab_size"],
                    hidden=TINY["hidden_size"] * 2, layers=2, steps=4, kv_sharing="last", gate_std=None,
                    prompt=32 if args.tiny else 512, new_tokens=16 if args.tiny else 128, repeats=1,
-                   device=str(device), dtype=str(dtype).removeprefix("torch."))
+                   requests=16 if args.tiny else 64, static=True, device=str(device), dtype=str(dtype).removeprefix("torch."))
     model = build(ns)
     rows = []
     for batch in (1, 8):
@@ -153,8 +156,17 @@ def decode_rows(args, device, dtype) -> list[dict]:
                      "early_exit_tokens_per_s": rate["early_exit"]["median"],
                      "async_tokens_per_s": rate["early_exit_async"]["median"], "mean_passes": r["mean_passes"],
                      "speedup": r["speedup"]["early_exit"]["median"],
-                     "async_speedup": r["speedup"]["early_exit_async"]["median"], "compute_bound": r["compute_bound"],
-                     "tokens_equal": r["tokens_equal_dense"] and r["async_tokens_equal_lockstep"]})
+                     "async_speedup": r["speedup"]["early_exit_async"]["median"],
+                     "static_speedup": r["speedup"]["early_exit_async_static"]["median"], "compute_bound": r["compute_bound"],
+                     "tokens_equal": (r["tokens_equal_dense"] and r["async_tokens_equal_lockstep"]
+                                      and r["static_tokens_equal_lockstep"])})
+    r = bench_continuous(model, ns, 8)  # a queue of prompts on 8 rows: the async columns are its figures
+    rows.append({"section": "decode", "name": f"continuous batch 8, {ns.requests} requests",
+                 "full_depth_tokens_per_s": r["tokens_per_s"]["full_depth"]["median"], "early_exit_tokens_per_s": None,
+                 "async_tokens_per_s": r["tokens_per_s"]["early_exit"]["median"], "mean_passes": r["mean_passes"],
+                 "speedup": None, "async_speedup": r["speedup"]["median"], "static_speedup": None,
+                 "compute_bound": r["compute_bound"],
+                 "tokens_equal": r["tokens_equal_fixed_batch_async"]})
     return rows
 
 

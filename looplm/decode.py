@@ -6,8 +6,13 @@ a pass costs about the same for 3 live rows as for 8 (the weights are read eithe
 skipped passes save almost nothing. Here each row advances on its own: every tick runs one pass of the
 N shared layers for all B rows together, each row at its own pass of its own token (the layers are
 the same for every pass, so one batched matmul serves rows at different passes). A row whose token
-exits emits it and starts its next token on the next tick. Every tick is a full batch, so the cost
-per token follows the mean number of passes, as at batch 1.
+exits emits it and starts its next token on the next tick.
+
+* `generate_asynchronous`: a fixed batch of prompts. Every tick is a full batch until the first row
+  finishes; from then on the finished rows idle, so the row with the most passes in all sets the end.
+* `generate_continuous`: a queue of prompts on B rows (continuous batching): when a row's request
+  ends, the next prompt is prefilled on its own and takes the row, so the ticks stay full until the
+  queue runs dry and the cost per token follows the mean number of passes, as at batch 1.
 
 This needs the KV sharing "last" (spec/ouro.md 3.3): one cache slot per layer, which each pass of the
 current token overwrites at that token's column, so rows at different passes read the same slot
@@ -40,91 +45,240 @@ class ColumnSlot(NamedTuple):
         return self.slot[0, ..., :self.width, :], self.slot[1, ..., :self.width, :]
 
 
+class StaticColumnSlot(ColumnSlot):
+    """ColumnSlot for the static step: the width is the whole buffer, so nothing varies between
+    ticks and the write is compiled with the rest of the step (no graph break)."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.slot[0].scatter_(2, self.columns.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3]), k)
+        self.slot[1].scatter_(2, self.columns.view(-1, 1, 1, 1).expand(-1, v.shape[1], 1, v.shape[3]), v)
+        return self.slot[0], self.slot[1]
+
+
+def _policy(model, exit_threshold, exit_at_step):
+    T = model.config.total_ut_steps
+    policy = resolve_exit_policy(model.config, exit_at_step, exit_threshold)
+    if policy.kind not in ("threshold", "fixed", "last"):
+        raise ValueError(f"pass-asynchronous decoding supports the exit policies threshold, fixed and last, "
+                         f"not {policy.kind!r}; use model.generate for it")
+    if policy.kind == "fixed" and not 0 <= int(policy.value) < T:
+        raise ValueError(f"exit_at_step={policy.value} is outside 0..{T - 1}; pick a pass that runs")
+    return policy
+
+
+def _prefill(model, input_ids, attention_mask, exit_threshold, exit_at_step):
+    """The prompt runs every pass, as in generate(); its keys collapse to the last pass. Returns the
+    first new token of each row and the prompt's keys and values (2, N, B, K, P, h)."""
+    cache = LoopCache(model.config.num_hidden_layers, "last")
+    out = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
+                exit_threshold=exit_threshold, exit_at_step=exit_at_step, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1), cache.kv[:, 0, ..., :input_ids.shape[1], :]
+
+
+class _Rows:
+    """B decoding rows, each with its own request, token, pass, cache column and position."""
+
+    def __init__(self, model, batch: int, capacity: int, max_new_tokens: int, policy, eos_token_id,
+                 pad_token_id: int, dtype: torch.dtype, device: torch.device):
+        config = model.config
+        self.model, self.core, self.policy, self.eos, self.pad = model, model.model, policy, eos_token_id, pad_token_id
+        self.T, self.max_new = config.total_ut_steps, max_new_tokens
+        self.kv = torch.zeros(2, config.num_hidden_layers, batch, config.num_key_value_heads, capacity,
+                              config.head_dim, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # not padding
+        self.tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        zeros = lambda: torch.zeros(batch, dtype=torch.long, device=device)  # noqa: E731
+        self.columns, self.positions, self.passes, self.produced = zeros(), zeros(), zeros(), zeros()
+        self.done = torch.ones(batch, dtype=torch.bool, device=device)  # a row without a request idles
+        self.gates = torch.zeros(batch, self.T, dtype=torch.float32, device=device)
+        self.h = torch.zeros(batch, 1, config.hidden_size, dtype=dtype, device=device)
+        self.batch = torch.arange(batch, device=device)
+
+    def _ended(self, rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        ended = self.produced[rows] >= self.max_new
+        return ended | (new == self.eos) if self.eos is not None else ended
+
+    def admit(self, rows: torch.Tensor, kv: torch.Tensor, prompt_mask: torch.Tensor, first: torch.Tensor) -> None:
+        """Start requests on `rows` (R,): their prompts' keys and values kv (2, N, R, K, P, h), padding
+        mask (R, P) and first new tokens (R,) (from the prefill)."""
+        P = kv.shape[-2]
+        self.kv[:, :, rows, :, :P] = kv
+        self.valid[rows] = True
+        self.valid[rows, :P] = prompt_mask.bool()
+        self.columns[rows] = P
+        self.positions[rows] = position_ids_from_mask(prompt_mask)[:, -1] + 1
+        self.passes[rows], self.gates[rows] = 0, 0.0
+        self.tokens[rows] = self.pad
+        self.tokens[rows, 0], self.produced[rows] = first, 1
+        self.done[rows] = self._ended(rows, first)
+        self.h[rows] = self.core.embed_tokens(first)[:, None].to(self.h.dtype)
+
+    def _pass(self, width: int, slot: type) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the N shared layers for every row, each at its own pass, attending to the
+        first `width` columns. Returns the normed hidden states (B, 1, d) and which rows exit (B,)."""
+        core, columns, policy = self.core, self.columns, self.policy
+        keys = torch.arange(width, device=columns.device)
+        mask = AttentionMask(dense=((keys[None] <= columns[:, None]) & self.valid[:, :width])[:, None, None])
+        rope = core.rotary(self.positions[:, None], self.h.dtype)
+        z = self.h
+        for l, layer in enumerate(core.layers):
+            z = layer(z, rope=rope, mask=mask, cache=slot(self.kv[:, l], columns, width))
+        z = core.norm(z)
+        self.gates[self.batch, self.passes] = core.early_exit_gate(z[:, 0]).squeeze(-1).float()
+        if policy.kind == "threshold":
+            cdf = torch.cumsum(exit_distribution(self.gates, self.T), -1)[self.batch, self.passes]
+            return z, (cdf >= policy.value) | (self.passes == self.T - 1)
+        return z, self.passes == (int(policy.value) if policy.kind == "fixed" else self.T - 1)
+
+    def _idle_finished(self) -> None:
+        """Finished rows idle at pass 0 on their last column (their results are unused). In place."""
+        self.passes.masked_fill_(self.done, 0)
+        self.columns.copy_(torch.where(self.done, self.columns.clamp_max(self.kv.shape[-2] - 1), self.columns))
+
+    def tick(self) -> torch.Tensor:
+        """One pass for every row; rows whose token exits emit it (the LM head runs on those rows
+        only). Returns the rows whose request ended at this tick."""
+        core = self.core
+        z, exits = self._pass(int(self.columns.max()) + 1, ColumnSlot)
+        live = ~self.done
+        core.layer_token_applications += int(live.sum()) * len(core.layers)
+        self.h, self.passes = z, self.passes + 1
+        ended = self.batch[:0]
+        emit = exits & live
+        if bool(emit.any()):
+            rows = emit.nonzero().squeeze(-1)
+            new = self.model.lm_head(z[rows, 0]).argmax(-1)
+            self.tokens[rows, self.produced[rows]] = new
+            self.produced[rows] += 1
+            self.columns[rows] += 1
+            self.positions[rows] += 1
+            self.passes[rows] = 0
+            self.h = self.h.index_copy(0, rows, core.embed_tokens(new)[:, None].to(z.dtype))
+            ending = self._ended(rows, new)
+            self.done[rows] |= ending
+            ended = rows[ending]
+        self._idle_finished()
+        return ended
+
+    def tick_static(self) -> None:
+        """The same tick with fixed shapes, no host synchronisation and every buffer updated in place:
+        attention over the whole buffer, the LM head on every row, updates by masks instead of row
+        indices. This is the step a CUDA graph captures and replays (`_cuda_graph`); it leaves
+        `layer_token_applications` alone (counting live rows needs the host)."""
+        z, exits = self._pass(self.kv.shape[-2], StaticColumnSlot)
+        emit = exits & ~self.done
+        new = self.model.lm_head(z[:, 0]).argmax(-1)
+        slot = self.produced.clamp_max(self.max_new - 1)[:, None]
+        self.tokens.scatter_(1, slot, torch.where(emit[:, None], new[:, None], self.tokens.gather(1, slot)))
+        step = emit.long()
+        for counter in (self.produced, self.columns, self.positions):
+            counter.add_(step)
+        self.passes.copy_(torch.where(emit, 0, self.passes + 1))
+        self.h.copy_(torch.where(emit[:, None, None], self.core.embed_tokens(new)[:, None].to(z.dtype), z))
+        ending = self.produced >= self.max_new
+        if self.eos is not None:
+            ending = ending | (new == self.eos)
+        self.done |= emit & ending
+        self._idle_finished()
+
+
+def _cuda_graph(step):
+    """Capture `step` (a function of preallocated buffers, updated in place) as a CUDA graph after
+    one warm-up call on a side stream (which runs for real); returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()  # recorded, not run
+    return graph.replay
+
+
 @torch.no_grad()
 def generate_asynchronous(model, input_ids: torch.Tensor, max_new_tokens: int,
                           attention_mask: torch.Tensor | None = None, exit_threshold: float | None = None,
                           exit_at_step: int | None = None, eos_token_id: int | None = None,
-                          pad_token_id: int = 0, streamer=None) -> torch.Tensor:
+                          pad_token_id: int = 0, streamer=None, static: bool = False,
+                          cuda_graph: bool = False) -> torch.Tensor:
     """Greedy decoding with early exit, each row at its own pass. input_ids (B, P), left-padded with
     `attention_mask` (B, P) when rows differ in length. Returns (B, P + max_new_tokens); a row that
     produced `eos_token_id` is padded with `pad_token_id` after it. `streamer` (a transformers
-    streamer) gets the prompt, the first new tokens (from the prefill) and `end()`."""
-    config, core = model.config, model.model
-    T, N = config.total_ut_steps, config.num_hidden_layers
-    policy = resolve_exit_policy(config, exit_at_step, exit_threshold)
-    if policy.kind not in ("threshold", "fixed", "last"):
-        raise ValueError(f"generate_asynchronous supports the exit policies threshold, fixed and last, not "
-                         f"{policy.kind!r}; use model.generate for it")
-    if policy.kind == "fixed" and not 0 <= int(policy.value) < T:
-        raise ValueError(f"exit_at_step={policy.value} is outside 0..{T - 1}; pick a pass that runs")
+    streamer) gets the prompt, the first new tokens (from the prefill) and `end()`.
+
+    static: fixed-shape ticks without host synchronisation (`_Rows.tick_static`; the host checks for
+    the end every T ticks), same tokens. cuda_graph (a CUDA device): the static tick captured once as
+    a CUDA graph and replayed (one launch per tick instead of one per kernel)."""
+    policy = _policy(model, exit_threshold, exit_at_step)
+    if cuda_graph and input_ids.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model and input_ids on a CUDA device, not {input_ids.device}; "
+                         f"use static=True elsewhere")
     B, P = input_ids.shape
-    device = input_ids.device
     prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if streamer is not None:
         streamer.put(input_ids.cpu())
-
-    # Prefill: the prompt runs every pass, as in generate(); its keys collapse to the last pass.
-    cache = LoopCache(N, "last")
-    out = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
-                exit_threshold=exit_threshold, exit_at_step=exit_at_step, logits_to_keep=1)
-    tokens = out.logits[:, -1].argmax(-1)
-    cache.reserve(T, B, max_new_tokens, config.num_key_value_heads, config.head_dim, out.logits.dtype, device)
-    result = torch.full((B, P + max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    result[:, :P] = input_ids
-    result[:, P] = tokens
+    first, kv = _prefill(model, input_ids, attention_mask, exit_threshold, exit_at_step)
     if streamer is not None:
-        streamer.put(tokens.cpu())
-
-    produced = torch.ones(B, dtype=torch.long, device=device)
-    done = produced >= max_new_tokens
-    if eos_token_id is not None:
-        done |= tokens == eos_token_id
-    valid = torch.cat([prompt_mask.bool(), torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
-    positions = position_ids_from_mask(prompt_mask)[:, -1] + 1  # position id of each row's current token
-    columns = torch.full((B,), P, dtype=torch.long, device=device)  # its cache column
-    passes = torch.zeros(B, dtype=torch.long, device=device)  # its pass about to run
-    gates = torch.zeros(B, T, dtype=torch.float32, device=device)
-    h = core.embed_tokens(tokens)[:, None]
-    batch = torch.arange(B, device=device)
-    slots = cache.kv[:, 0]  # (2, N, B, K, C, h)
-
-    while not bool(done.all()):
-        width = int(columns.max()) + 1
-        keys = torch.arange(width, device=device)
-        mask = AttentionMask(dense=((keys[None] <= columns[:, None]) & valid[:, :width])[:, None, None])
-        rope = core.rotary(positions[:, None], h.dtype)
-        z = h
-        for l, layer in enumerate(core.layers):
-            z = layer(z, rope=rope, mask=mask, cache=ColumnSlot(slots[:, l], columns, width))
-        core.layer_token_applications += B * N
-        z = core.norm(z)
-        gates[batch, passes] = core.early_exit_gate(z[:, 0]).squeeze(-1).float()
-        if policy.kind == "threshold":
-            cdf = torch.cumsum(exit_distribution(gates, T), -1)[batch, passes]
-            exits = (cdf >= policy.value) | (passes == T - 1)
-        else:
-            exits = passes == (int(policy.value) if policy.kind == "fixed" else T - 1)
-        h = z
-        passes = passes + 1
-        emit = exits & ~done
-        if bool(emit.any()):
-            rows = emit.nonzero().squeeze(-1)
-            new = model.lm_head(z[rows, 0]).argmax(-1)
-            result[rows, P + produced[rows]] = new
-            produced[rows] += 1
-            columns[rows] += 1
-            positions[rows] += 1
-            passes[rows] = 0
-            h = h.index_copy(0, rows, core.embed_tokens(new)[:, None])
-            done[rows] |= produced[rows] >= max_new_tokens
-            if eos_token_id is not None:
-                done[rows] |= new == eos_token_id
-        passes = torch.where(done, 0, passes)  # finished rows idle at pass 0 (their results are unused)
-        columns = torch.where(done, columns.clamp_max(P + max_new_tokens - 1), columns)
-
-    if eos_token_id is not None:  # what follows a row's end of sequence is padding, as in generate()
-        ended = torch.cumsum((result[:, P:] == eos_token_id).long(), -1) - (result[:, P:] == eos_token_id).long()
-        result[:, P:] = torch.where(ended > 0, pad_token_id, result[:, P:])
+        streamer.put(first.cpu())
+    rows = _Rows(model, B, P + max_new_tokens, max_new_tokens, policy, eos_token_id, pad_token_id, kv.dtype,
+                 input_ids.device)
+    rows.admit(rows.batch, kv, prompt_mask, first)
+    if static or cuda_graph:
+        step = _cuda_graph(rows.tick_static) if cuda_graph else rows.tick_static
+        while not bool(rows.done.all()):
+            for _ in range(rows.T):  # ticks after every row ended change nothing
+                step()
+    else:
+        while not bool(rows.done.all()):
+            rows.tick()
     if streamer is not None:
         streamer.end()
-    return result
+    return torch.cat([input_ids, rows.tokens], 1)
+
+
+@torch.no_grad()
+def generate_continuous(model, prompts: list[torch.Tensor], max_new_tokens: int, batch_size: int = 8,
+                        exit_threshold: float | None = None, exit_at_step: int | None = None,
+                        eos_token_id: int | None = None) -> list[torch.Tensor]:
+    """Greedy decoding with early exit of a queue of prompts on `batch_size` rows (continuous
+    batching): each row at its own pass; when a row's request ends (`max_new_tokens` tokens or
+    `eos_token_id`), the next prompt is prefilled and takes the row. prompts: 1-D token tensors of
+    any lengths. Returns each prompt's new tokens (up to and including its end of sequence), in the
+    prompts' order; each equals `generate_asynchronous` on that prompt alone."""
+    policy = _policy(model, exit_threshold, exit_at_step)
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be positive")
+    for i, prompt in enumerate(prompts):
+        if not torch.is_tensor(prompt) or prompt.dim() != 1 or prompt.numel() == 0 or prompt.is_floating_point():
+            raise ValueError(f"prompt {i} is not a non-empty 1-D tensor of token ids; pass one per request")
+    if not prompts:
+        return []
+    device = prompts[0].device
+    dtype = next(model.parameters()).dtype
+    rows = _Rows(model, min(batch_size, len(prompts)), max(p.numel() for p in prompts) + max_new_tokens,
+                 max_new_tokens, policy, eos_token_id, 0, dtype, device)
+    queue, owner, results = iter(enumerate(prompts)), {}, [None] * len(prompts)
+
+    def finish_and_refill(row: int) -> None:
+        while True:  # a request can end at its first token; then the next one takes the row at once
+            if row in owner:
+                results[owner.pop(row)] = rows.tokens[row, :int(rows.produced[row])].clone()
+            request = next(queue, None)
+            if request is None:
+                return
+            index, prompt = request
+            first, kv = _prefill(model, prompt[None], None, exit_threshold, exit_at_step)
+            rows.admit(torch.tensor([row], device=device), kv, torch.ones_like(prompt)[None], first)
+            owner[row] = index
+            if not bool(rows.done[row]):
+                return
+
+    for row in range(len(rows.batch)):
+        finish_and_refill(row)
+    while owner and not bool(rows.done.all()):
+        for row in rows.tick().tolist():
+            finish_and_refill(row)
+    for row in list(owner):  # requests that ended at their first token after the queue ran dry
+        finish_and_refill(row)
+    return results

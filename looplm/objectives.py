@@ -66,14 +66,18 @@ class _FusedExitCE(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
                 hc, yc, r = h[start:end], targets[start:end], rows[:end - start]
+                # One (chunk, V) fp32 block, rewritten in place: logits -> exp(logits - max) -> gradient.
                 logits = F.linear(hc, weight).float()
-                lse = torch.logsumexp(logits, -1)
-                ce[start:end, t] = lse - logits[r, yc]
+                target_logit = logits[r, yc]
+                peak = logits.amax(-1, keepdim=True)
+                e = logits.sub_(peak).exp_()
+                total = e.sum(-1, keepdim=True)
+                ce[start:end, t] = (peak + total.log()).squeeze(1) - target_logit
                 if grad_w is None and grad_h[t] is None:
                     continue
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[r, yc] -= 1.0
-                g.mul_(weights[start:end, t, None])
+                w = weights[start:end, t, None]
+                g = e.mul_(w / total)  # w * softmax
+                g[r, yc] -= w.squeeze(1)  # w * (softmax - onehot)
                 g = g.to(h.dtype)
                 if grad_h[t] is not None:
                     grad_h[t][start:end] = g @ weight

@@ -7,7 +7,7 @@ from helpers.models import tiny_model
 from looplm import LoopCache
 from looplm.attention import left_pad
 from looplm.compat import CACHE_NAME
-from looplm.decode import generate_asynchronous
+from looplm.decode import generate_asynchronous, generate_continuous
 
 
 def greedy(model, ids, n=6, cache=None, **kw):
@@ -208,3 +208,94 @@ def test_pass_asynchronous_decoding_stops_rows_at_eos_like_generate():
 def test_pass_asynchronous_decoding_rejects_a_policy_it_cannot_run():
     with pytest.raises(ValueError, match="hidden_diff"):
         generate_asynchronous(tiny_model(early_exit_hidden_diff=0.1), torch.randint(1, 256, (1, 4)), 3)
+
+
+@pytest.mark.parametrize("kw", [{"exit_threshold": 0.5}, {"exit_at_step": 0}])
+@torch.no_grad()
+def test_continuous_batching_gives_each_prompt_its_own_tokens(kw):
+    """generate_continuous: 5 prompts of different lengths on 2 rows; rows are refilled as requests
+    end, rows sit at different passes and columns, and each prompt's tokens equal model.generate with
+    the "last" cache on that prompt alone (an independent decoder)."""
+    model = tiny_model()
+    torch.manual_seed(2)
+    prompts = [torch.randint(1, 256, (n,)) for n in (3, 9, 5, 2, 7)]
+    lengths = [12, 12, 12, 12, 12]
+    out = generate_continuous(model, prompts, 12, batch_size=2, **kw)
+    assert [len(o) for o in out] == lengths
+    for prompt, tokens in zip(prompts, out):
+        expected = model.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                  **{CACHE_NAME: LoopCache(2, "last")}, **kw)
+        assert torch.equal(tokens, expected[0, prompt.numel():])
+
+
+@torch.no_grad()
+def test_continuous_batching_ends_requests_at_eos_and_refills_their_rows():
+    model = tiny_model()
+    torch.manual_seed(3)
+    prompts = [torch.randint(1, 256, (n,)) for n in (4, 6, 3, 5)]
+    free = generate_continuous(model, prompts, 10, batch_size=3, exit_threshold=0.5)
+    eos = int(free[1][3])  # a token prompt 1 produces mid-way
+    out = generate_continuous(model, prompts, 10, batch_size=3, exit_threshold=0.5, eos_token_id=eos)
+    for tokens, full in zip(out, free):
+        ends = (full == eos).nonzero()
+        n = int(ends[0]) + 1 if len(ends) else len(full)  # up to and including the first end of sequence
+        assert torch.equal(tokens, full[:n])
+    assert len(out[1]) <= 4
+    # max_new_tokens=1: every request ends at its prefill's token, the rows are refilled at once
+    first = generate_continuous(model, prompts, 1, batch_size=2, exit_threshold=0.5)
+    assert [t.tolist() for t in first] == [f[:1].tolist() for f in free]
+
+
+def test_continuous_batching_rejects_malformed_requests():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="prompt 1"):
+        generate_continuous(model, [torch.tensor([1, 2]), torch.tensor([[1, 2]])], 3)
+    with pytest.raises(ValueError, match="prompt 0"):
+        generate_continuous(model, [torch.tensor([], dtype=torch.long)], 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_continuous(model, [torch.tensor([1, 2])], 3, batch_size=0)
+    assert generate_continuous(model, [], 3) == []
+
+
+@pytest.mark.parametrize("kw", [{"exit_threshold": 0.5}, {"exit_at_step": 0}, {"exit_at_step": 1}])
+@torch.no_grad()
+def test_static_decode_step_gives_the_dynamic_tokens(kw):
+    """static=True (fixed shapes, no host synchronisation in a tick: the CUDA-graph form) decodes
+    left-padded rows at different passes, with an end of sequence, to the dynamic ticks' tokens."""
+    model = tiny_model()
+    torch.manual_seed(4)
+    ids, mask = left_pad([torch.randint(1, 256, (n,)).tolist() for n in (3, 7, 5)])
+    free = generate_asynchronous(model, ids, 10, attention_mask=mask, **kw)
+    eos = int(free[0, ids.shape[1] + 4])
+    for eos_id in (None, eos):
+        dynamic = generate_asynchronous(model, ids, 10, attention_mask=mask, eos_token_id=eos_id, **kw)
+        static = generate_asynchronous(model, ids, 10, attention_mask=mask, eos_token_id=eos_id, static=True, **kw)
+        assert torch.equal(static, dynamic)
+
+
+@torch.no_grad()
+def test_static_decode_step_traces_as_one_graph():
+    """What CUDA-graph capture needs of the step: torch.compile(fullgraph=True) traces it without a
+    graph break (no host synchronisation, no data-dependent shape); the traced step gives the eager
+    step's state. (Capture itself needs a GPU: generate_asynchronous(cuda_graph=True).)"""
+    from looplm.decode import _policy, _prefill, _Rows
+
+    model = tiny_model()
+    ids = torch.randint(1, 256, (3, 5))
+    first, kv = _prefill(model, ids, None, 0.5, None)
+    states = []
+    for compiled in (False, True):
+        rows = _Rows(model, 3, 5 + 6, 6, _policy(model, 0.5, None), None, 0, kv.dtype, ids.device)
+        rows.admit(rows.batch, kv, torch.ones_like(ids), first)
+        step = torch.compile(rows.tick_static, backend="eager", fullgraph=True) if compiled else rows.tick_static
+        for _ in range(12):
+            step()
+        states.append((rows.tokens.clone(), rows.produced.clone(), rows.passes.clone()))
+    for eager, traced in zip(*states):
+        assert torch.equal(eager, traced)
+    assert (states[0][1] > 1).all()  # the ticks did emit tokens
+
+
+def test_cuda_graph_decoding_refuses_a_cpu_model():
+    with pytest.raises(ValueError, match="CUDA"):
+        generate_asynchronous(tiny_model(), torch.randint(1, 256, (1, 4)), 3, exit_threshold=0.5, cuda_graph=True)
