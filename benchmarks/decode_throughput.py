@@ -14,7 +14,8 @@ fixed batch decoded pass-asynchronously can reach at best, since finished rows i
 `--static`: also `generate_asynchronous(static=True)`, the fixed-shape tick, captured as a CUDA
 graph on a GPU (`cuda_graph=True`). `--requests R`: continuous batching (`looplm.generate_continuous`): R prompts queued on each batch
 size, full depth vs early exit on the same scheduler; the prompts' prefills (identical in both) are
-timed and taken out, so this too is decoding only.
+timed and taken out, so this too is decoding only; `row_occupancy` = live rows per tick / batch
+(below 1 once the queue has run dry and rows wait for the last requests).
 
     python benchmarks/decode_throughput.py                                   # the issue-15 setting
     python benchmarks/decode_throughput.py --batch 1 8 --prompt 256 --new-tokens 128 --repeats 5
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.model_throughput import benchmark_config  # noqa: E402
 from looplm import LoopCache, LoopLMForCausalLM, compile_layers  # noqa: E402
 from looplm.compat import CACHE_NAME  # noqa: E402
+from looplm import decode  # noqa: E402
 from looplm.decode import generate_asynchronous, generate_continuous  # noqa: E402
 
 
@@ -168,8 +170,8 @@ def bench_batch(model, args, batch):
 
 
 def timed_continuous(model, prompts, new_tokens, device, **kw):
-    """generate_continuous -> (outputs, decode seconds, decode layer applications): the prompts'
-    prefills (model.forward calls, the same in every variant) are timed and subtracted."""
+    """generate_continuous -> (outputs, decode seconds, decode layer applications, ticks): the
+    prompts' prefills (model.forward calls, the same in every variant) are timed and subtracted."""
     core, sync = model.model, (torch.cuda.synchronize if device.startswith("cuda") else lambda: None)
     prefill = {"seconds": 0.0, "applications": 0}
     forward = model.forward
@@ -183,7 +185,13 @@ def timed_continuous(model, prompts, new_tokens, device, **kw):
         prefill["applications"] += core.layer_token_applications - applications
         return out
 
-    model.forward, core.layer_token_applications = timed_forward, 0
+    ticks, tick = [0], decode._Rows.tick
+
+    def counted_tick(rows):
+        ticks[0] += 1
+        return tick(rows)
+
+    model.forward, core.layer_token_applications, decode._Rows.tick = timed_forward, 0, counted_tick
     try:
         sync()
         start = time.perf_counter()
@@ -192,7 +200,8 @@ def timed_continuous(model, prompts, new_tokens, device, **kw):
         seconds = time.perf_counter() - start
     finally:
         del model.forward
-    return out, seconds - prefill["seconds"], core.layer_token_applications - prefill["applications"]
+        decode._Rows.tick = tick
+    return out, seconds - prefill["seconds"], core.layer_token_applications - prefill["applications"], ticks[0]
 
 
 @torch.no_grad()
@@ -204,12 +213,13 @@ def bench_continuous(model, args, batch):
     variants = {"full_depth": {"exit_at_step": T - 1}, "early_exit": {"exit_threshold": q}}
     for kw in variants.values():
         timed_continuous(model, list(prompts[:batch]), 4, args.device, batch_size=batch, **kw)  # warm-up
-    seconds, outputs = {name: [] for name in variants}, {}
+    seconds, outputs, counts = {name: [] for name in variants}, {}, {}
     for _ in range(args.repeats):
         for name, kw in variants.items():
-            outputs[name], s, applications = timed_continuous(model, list(prompts), args.new_tokens, args.device,
-                                                              batch_size=batch, **kw)
+            outputs[name], s, *counts[name] = timed_continuous(model, list(prompts), args.new_tokens, args.device,
+                                                               batch_size=batch, **kw)
             seconds[name].append(s)
+    applications, ticks = counts["early_exit"]
     new = sum(len(o) - 1 for o in outputs["early_exit"])  # timed: every token after the prefill's
     passes = applications / N / new
     context = args.prompt + args.new_tokens / 2
@@ -222,6 +232,8 @@ def bench_continuous(model, args, batch):
         "batch": batch, "requests": args.requests, "threshold": q, "mean_passes": passes,
         "tokens_per_s": {name: {"min": min(r), "median": statistics.median(r)} for name, r in rate.items()},
         "speedup": speedup, "compute_bound": bound, "share_of_bound_median": speedup["median"] / bound,
+        # live rows per tick / batch: below 1 when rows idle (the queue's tail, when it has run dry)
+        "row_occupancy": applications / N / (ticks * min(batch, args.requests)),
         "tokens_equal_fixed_batch_async": all(torch.equal(a, b) for a, b in zip(outputs["early_exit"], fixed)),
     }
 

@@ -50,8 +50,9 @@ class StaticColumnSlot(ColumnSlot):
     ticks and the write is compiled with the rest of the step (no graph break)."""
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.slot[0].scatter_(2, self.columns.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3]), k)
-        self.slot[1].scatter_(2, self.columns.view(-1, 1, 1, 1).expand(-1, v.shape[1], 1, v.shape[3]), v)
+        index = self.columns.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+        self.slot[0].scatter_(2, index, k.to(self.slot.dtype))
+        self.slot[1].scatter_(2, index, v.to(self.slot.dtype))
         return self.slot[0], self.slot[1]
 
 
@@ -93,6 +94,12 @@ class _Rows:
         self.gates = torch.zeros(batch, self.T, dtype=torch.float32, device=device)
         self.h = torch.zeros(batch, 1, config.hidden_size, dtype=dtype, device=device)
         self.batch = torch.arange(batch, device=device)
+        self.applied = torch.zeros((), dtype=torch.long, device=device)  # live-row passes, counted on the device
+
+    def count_applications(self) -> None:
+        """Add the live rows' layer applications to the model's counter (one host read, at the end)."""
+        self.core.layer_token_applications += int(self.applied) * len(self.core.layers)
+        self.applied.zero_()
 
     def _ended(self, rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         ended = self.produced[rows] >= self.max_new
@@ -141,7 +148,7 @@ class _Rows:
         core = self.core
         z, exits = self._pass(int(self.columns.max()) + 1, ColumnSlot)
         live = ~self.done
-        core.layer_token_applications += int(live.sum()) * len(core.layers)
+        self.applied += live.sum()
         self.h, self.passes = z, self.passes + 1
         ended = self.batch[:0]
         emit = exits & live
@@ -164,7 +171,7 @@ class _Rows:
         """The same tick with fixed shapes, no host synchronisation and every buffer updated in place:
         attention over the whole buffer, the LM head on every row, updates by masks instead of row
         indices. This is the step a CUDA graph captures and replays (`_cuda_graph`); it leaves
-        `layer_token_applications` alone (counting live rows needs the host)."""
+        the application counter alone."""
         z, exits = self._pass(self.kv.shape[-2], StaticColumnSlot)
         emit = exits & ~self.done
         new = self.model.lm_head(z[:, 0]).argmax(-1)
@@ -219,19 +226,19 @@ def generate_asynchronous(model, input_ids: torch.Tensor, max_new_tokens: int,
     if streamer is not None:
         streamer.put(input_ids.cpu())
     first, kv = _prefill(model, input_ids, attention_mask, exit_threshold, exit_at_step)
-    if streamer is not None:
-        streamer.put(first.cpu())
     rows = _Rows(model, B, P + max_new_tokens, max_new_tokens, policy, eos_token_id, pad_token_id, kv.dtype,
                  input_ids.device)
     rows.admit(rows.batch, kv, prompt_mask, first)
-    if static or cuda_graph:
-        step = _cuda_graph(rows.tick_static) if cuda_graph else rows.tick_static
-        while not bool(rows.done.all()):
-            for _ in range(rows.T):  # ticks after every row ended change nothing
-                step()
-    else:
-        while not bool(rows.done.all()):
-            rows.tick()
+    step, ticks_per_check = rows.tick, 1
+    if (static or cuda_graph) and not bool(rows.done.all()):
+        # the host checks for the end every T ticks; ticks after every row ended change nothing
+        step, ticks_per_check = (_cuda_graph(rows.tick_static) if cuda_graph else rows.tick_static), rows.T
+    if streamer is not None:  # after the set-up (and a graph's capture): a clock on it times decoding
+        streamer.put(first.cpu())
+    while not bool(rows.done.all()):
+        for _ in range(ticks_per_check):
+            step()
+    rows.count_applications()
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, rows.tokens], 1)
@@ -276,9 +283,8 @@ def generate_continuous(model, prompts: list[torch.Tensor], max_new_tokens: int,
 
     for row in range(len(rows.batch)):
         finish_and_refill(row)
-    while owner and not bool(rows.done.all()):
+    while owner:  # rows whose request ended at its first token were settled by finish_and_refill
         for row in rows.tick().tolist():
             finish_and_refill(row)
-    for row in list(owner):  # requests that ended at their first token after the queue ran dry
-        finish_and_refill(row)
+    rows.count_applications()
     return results
