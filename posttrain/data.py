@@ -4,12 +4,13 @@ whose last line is `#### N`) or the embedded synthetic tasks; and the answer ext
     load_problems("../shared/data/gsm8k/test.jsonl")   load_problems("synthetic:mano")
 """
 
-import json
 import random
 import re
 from decimal import Decimal
 from dataclasses import dataclass
 from pathlib import Path
+
+from runtime.records import text_pairs
 
 
 class ProblemError(ValueError):
@@ -94,24 +95,14 @@ def load_problems(source: str, limit: int | None = None, split: str = "train", s
     if not path.exists():
         raise ProblemError(f"problem file {path} does not exist (or use synthetic:mano / synthetic:multihop)")
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                question, answer = record["question"], record["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ProblemError(f"{path}:{n}: not a record with 'question' and 'answer' ({err})") from err
-            if not isinstance(question, str) or not isinstance(answer, str):
-                raise ProblemError(f"{path}:{n}: 'question' and 'answer' must be text")
-            try:
-                final = extract_reference(answer)
-            except ProblemError as err:
-                raise ProblemError(f"{path}:{n}: {err}") from err
-            problems.append(Problem(f"Question: {question}\nAnswer:", " " + answer.strip(), final))
-            if limit and len(problems) >= limit:
-                break
+    for n, question, answer in text_pairs(path, ("question", "answer"), ProblemError):
+        try:
+            final = extract_reference(answer)
+        except ProblemError as err:
+            raise ProblemError(f"{path}:{n}: {err}") from err
+        problems.append(Problem(f"Question: {question}\nAnswer:", " " + answer.strip(), final))
+        if limit and len(problems) >= limit:
+            break
     if not problems:
         raise ProblemError(f"problem file {path} holds no record")
     return problems

@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 
 from runtime.cli import cli_main
+from runtime.records import text_pairs
 
 from .errors import DataError
 from .indexed import VERSION as INDEX_VERSION
@@ -135,20 +136,8 @@ def read_eval(path: str | Path) -> list[tuple[str, str]]:
     """The held-out problems of an eval_<task>.jsonl: (prompt, answer) of each {"prompt", "answer"}
     record; any other line (a training file's {"text"}, broken JSON, non-text values) is a DataError
     naming the file and line."""
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                prompt, answer = record["prompt"], record["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataError(f"{path}:{n}: not a held-out record {{\"prompt\", \"answer\"}} ({err!r})") from err
-            if not isinstance(prompt, str) or not isinstance(answer, str):
-                raise DataError(f"{path}:{n}: prompt and answer must be strings")
-            problems.append((prompt, answer))
-    return problems
+    return [(prompt, answer) for _, prompt, answer in text_pairs(path, ("prompt", "answer"), DataError,
+                                                                  "held-out record")]
 
 
 def bound_arguments(fn, *args, **kwargs) -> dict:
