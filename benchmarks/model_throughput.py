@@ -6,7 +6,11 @@
    all T logit tensors (same model, same weights, same batch). Tokens/s and peak memory (CUDA: max
    allocated; CPU: peak RSS growth of a fresh process); `--repeats` alternating rounds, min and median.
    `fused_compiled`: the fused loss with the N shared layers compiled (`looplm.compile_layers`),
-   first step (compilation) not timed. Pick with `--variants`.
+   first step (compilation) not timed. `matmul_floor`: the fused path with the loss replaced by only
+   the three LM-head matmuls per pass and chunk that any exact method computes (no softmax): the
+   fastest any exact loss can make this step, so `matmul_floor` / `reference` is the ceiling of the
+   fused loss's speed-up on this machine. Pick with `--variants`. Ratios: of the medians and mins,
+   and `paired_*`: min / median over rounds of the ratio within a round (drift between rounds cancels).
 Decoding is measured by benchmarks/decode_throughput.py.
 
     python benchmarks/model_throughput.py                       # CPU-sized defaults
@@ -25,8 +29,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import looplm.model
 from looplm import LoopLMForCausalLM, compile_layers, preset_config
-from looplm.objectives import shift_labels, stage1_loss
+from looplm.objectives import IGNORE_INDEX, shift_labels, stage1_loss
 
 
 def benchmark_config(args, **extra):
@@ -54,6 +59,36 @@ def reference_loss(model, ids):
     return stage1_loss(ce, out.gate_logits, targets != -100, model.config.entropy_beta)
 
 
+class _MatmulFloor(torch.autograd.Function):
+    """The three LM-head matmuls per pass and chunk of the fused loss (logits, their product with the
+    head, the head's gradient), stored as gradients as the fused loss does; no softmax, loss 0."""
+
+    @staticmethod
+    def forward(ctx, weight, p, chunk_size, *hiddens):
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_h = [torch.empty_like(h) for h in hiddens]
+        for h, gh in zip(hiddens, grad_h):
+            for start in range(0, h.shape[0], chunk_size):
+                hc = h[start:start + chunk_size]
+                logits = F.linear(hc, weight)
+                gh[start:start + chunk_size] = logits @ weight
+                grad_w.addmm_(logits.t().float(), hc.float())
+        ctx.save_for_backward(grad_w, p, *grad_h)
+        return p.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_w, p, *grad_h = ctx.saved_tensors
+        return (grad_w * grad).to(p.dtype), torch.zeros_like(p), None, *[g * grad.to(g.dtype) for g in grad_h]
+
+
+def matmul_floor_exit_ce(hiddens, weight, targets, p, normalizer, chunk_size):
+    """Stands in for looplm.objectives.fused_exit_ce in the `matmul_floor` variant (same signature)."""
+    valid = targets != IGNORE_INDEX
+    loss = _MatmulFloor.apply(weight, p[valid], chunk_size, *[h[valid] for h in hiddens])
+    return loss, torch.zeros(*targets.shape, len(hiddens), device=targets.device)
+
+
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -64,6 +99,10 @@ def train_worker(args, variant, queue):
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
     if variant == "reference":
         step = lambda: reference_loss(model, ids)  # noqa: E731
+    elif variant == "matmul_floor":
+        model.config.loss_implementation = "fused"
+        looplm.model.fused_exit_ce = matmul_floor_exit_ce  # this spawned process only
+        step = lambda: model(ids, labels=ids).loss  # noqa: E731
     else:
         model.config.loss_implementation = variant.removesuffix("_compiled")
         if variant.endswith("_compiled"):
@@ -117,7 +156,7 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of the training variants")
     p.add_argument("--variants", nargs="+", default=["fused", "chunked", "reference"],
-                   choices=["fused", "chunked", "reference", "fused_compiled", "chunked_compiled"])
+                   choices=["fused", "chunked", "reference", "fused_compiled", "chunked_compiled", "matmul_floor"])
     args = p.parse_args()
     variants = args.variants
     runs = {v: [] for v in variants}
@@ -129,9 +168,12 @@ def main():
                    "peak_mib_median": statistics.median(r["peak_mib"] for r in rs), "runs": rs}
                for v, rs in runs.items()}
     ref = summary[variants[-1]]
+    paired = {v: [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[v], runs[variants[-1]])]
+              for v in variants[:-1]}
     report = {"config": vars(args), "train": summary, f"ratios_vs_{variants[-1]}": {
         v: {"speed_median": summary[v]["tokens_per_s_median"] / ref["tokens_per_s_median"],
             "speed_min": summary[v]["tokens_per_s_min"] / ref["tokens_per_s_min"],
+            "paired_speed_median": statistics.median(paired[v]), "paired_speed_min": min(paired[v]),
             "memory_median": summary[v]["peak_mib_median"] / ref["peak_mib_median"]} for v in variants[:-1]}}
     print(json.dumps(report, indent=2))
 
