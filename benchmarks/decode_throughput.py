@@ -8,6 +8,7 @@ Compute bound: FLOPs per decoded token at full depth over FLOPs at the measured 
 passes, with the LM head, the embedding row and attention over the mean context counted, so the
 best an implementation can do is `bound`; `share` = measured speedup / bound. The tokens of the
 early-exit run are checked against `exit_skip=False` (the same result computed densely).
+Speed-ups: of the medians, of the mins, and `paired_*` (the ratio within each round; min / median).
 `fixed_batch_row_balance` = mean over rows of a row's passes in all / the most any row needs: what a
 fixed batch decoded pass-asynchronously can reach at best, since finished rows idle until the last ends.
 
@@ -15,7 +16,10 @@ fixed batch decoded pass-asynchronously can reach at best, since finished rows i
 graph on a GPU (`cuda_graph=True`). `--requests R`: continuous batching (`looplm.generate_continuous`): R prompts queued on each batch
 size, full depth vs early exit on the same scheduler; the prompts' prefills (identical in both) are
 timed and taken out, so this too is decoding only; `row_occupancy` = live rows per tick / batch
-(below 1 once the queue has run dry and rows wait for the last requests).
+(below 1 once the queue has run dry and rows wait for the last requests). `weight_read_bound`: the
+speed-up if a tick cost the weights it reads (the layers every tick, the LM head on ticks in which
+some row emits; ticks and LM-head calls counted): at small batch decoding is bound by reading
+weights, and early exit spreads the emissions over more ticks, each reading the LM head.
 
     python benchmarks/decode_throughput.py                                   # the issue-15 setting
     python benchmarks/decode_throughput.py --batch 1 8 --prompt 256 --new-tokens 128 --repeats 5
@@ -81,6 +85,15 @@ def token_flops(config, passes: float, context: float) -> float:
     q, kv = config.num_attention_heads * h, config.num_key_value_heads * h
     layer = 2 * (d * q + 2 * d * kv + q * d + 3 * d * f) + 4 * context * q
     return passes * config.num_hidden_layers * layer + 2 * d * config.vocab_size + d
+
+
+def speedup(rates: list[float], reference: list[float]) -> dict[str, float]:
+    """Speed-up over `reference` from alternating rounds: the ratio of the medians and of the mins,
+    and the min / median over rounds of the ratio within a round (`paired_*`: drift between rounds,
+    which moved this CPU's speed by up to 20%, cancels)."""
+    paired = [a / b for a, b in zip(rates, reference)]
+    return {"median": statistics.median(rates) / statistics.median(reference), "min": min(rates) / min(reference),
+            "paired_median": statistics.median(paired), "paired_min": min(paired)}
 
 
 class Clock(BaseStreamer):
@@ -149,14 +162,14 @@ def bench_batch(model, args, batch):
     lockstep = token_flops(config, T, context) / token_flops(config, deepest, context)
     rate = {name: [new / s for s in ss] for name, ss in seconds.items()}
     full = rate.pop("full_depth")
-    speedups = {name: {"median": statistics.median(r) / statistics.median(full), "min": min(r) / min(full)}
-                for name, r in rate.items()}
+    speedups = {name: speedup(r, full) for name, r in rate.items()}
     return {
         "batch": batch, "kv_sharing": config.kv_sharing, "threshold": q, "mean_passes": passes,
         "tokens_per_s": {name: {"min": min(r), "median": statistics.median(r)} for name, r in
                          {"full_depth": full, **rate}.items()},
         "speedup": speedups, "compute_bound": bound,
         "share_of_bound_median": {name: x["median"] / bound for name, x in speedups.items()},
+        "share_of_bound_paired_median": {name: x["paired_median"] / bound for name, x in speedups.items()},
         "mean_deepest_passes_per_step": deepest, "lockstep_bound": lockstep,
         "tokens_equal_dense": bool(torch.equal(dense, outputs["early_exit"])),
         "async_tokens_equal_lockstep": (bool(torch.equal(outputs["early_exit_async"], outputs["early_exit"]))
@@ -170,19 +183,22 @@ def bench_batch(model, args, batch):
 
 
 def timed_continuous(model, prompts, new_tokens, device, **kw):
-    """generate_continuous -> (outputs, decode seconds, decode layer applications, ticks): the
-    prompts' prefills (model.forward calls, the same in every variant) are timed and subtracted."""
+    """generate_continuous -> (outputs, decode seconds, decode layer applications, ticks, LM-head
+    calls): the prompts' prefills (model.forward calls, the same in every variant) are timed and
+    their counts subtracted."""
     core, sync = model.model, (torch.cuda.synchronize if device.startswith("cuda") else lambda: None)
-    prefill = {"seconds": 0.0, "applications": 0}
-    forward = model.forward
+    prefill = {"seconds": 0.0, "applications": 0, "heads": 0}
+    forward, heads = model.forward, [0]
+    hook = model.lm_head.register_forward_hook(lambda *_: heads.__setitem__(0, heads[0] + 1))
 
     def timed_forward(*a, **k):
         sync()
-        start, applications = time.perf_counter(), core.layer_token_applications
+        start, applications, head_calls = time.perf_counter(), core.layer_token_applications, heads[0]
         out = forward(*a, **k)
         sync()
         prefill["seconds"] += time.perf_counter() - start
         prefill["applications"] += core.layer_token_applications - applications
+        prefill["heads"] += heads[0] - head_calls
         return out
 
     ticks, tick = [0], decode._Rows.tick
@@ -201,7 +217,18 @@ def timed_continuous(model, prompts, new_tokens, device, **kw):
     finally:
         del model.forward
         decode._Rows.tick = tick
-    return out, seconds - prefill["seconds"], core.layer_token_applications - prefill["applications"], ticks[0]
+        hook.remove()
+    return (out, seconds - prefill["seconds"], core.layer_token_applications - prefill["applications"], ticks[0],
+            heads[0] - prefill["heads"])
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """Bytes of the weights a tick reads: everything but the embedding and the LM head (read once per
+    tick for all rows), and the LM head (read on the ticks in which some row emits)."""
+    head = model.lm_head.weight
+    pass_weights = sum(p.numel() * p.element_size() for n, p in model.model.named_parameters()
+                       if not n.startswith("embed_tokens"))
+    return pass_weights, head.numel() * head.element_size()
 
 
 @torch.no_grad()
@@ -219,19 +246,27 @@ def bench_continuous(model, args, batch):
             outputs[name], s, *counts[name] = timed_continuous(model, list(prompts), args.new_tokens, args.device,
                                                                batch_size=batch, **kw)
             seconds[name].append(s)
-    applications, ticks = counts["early_exit"]
+    applications, ticks, _ = counts["early_exit"]
     new = sum(len(o) - 1 for o in outputs["early_exit"])  # timed: every token after the prefill's
     passes = applications / N / new
     context = args.prompt + args.new_tokens / 2
     bound = token_flops(config, T, context) / token_flops(config, passes, context)
     rate = {name: [new / s for s in ss] for name, ss in seconds.items()}
     full, early = rate["full_depth"], rate["early_exit"]
-    speedup = {"median": statistics.median(early) / statistics.median(full), "min": min(early) / min(full)}
+    ratio = speedup(early, full)
+    # At small batch a tick costs the weights it reads more than its FLOPs: the layers once per tick,
+    # the LM head once per tick in which some row emits (early exit spreads emissions over more ticks).
+    layers, head = weight_bytes(model)
+    read = {name: ticks_ * layers + heads * head for name, (_, ticks_, heads) in counts.items()}
     fixed = generate_asynchronous(model, prompts[:batch], args.new_tokens, exit_threshold=q)[:, args.prompt:]
     return {
         "batch": batch, "requests": args.requests, "threshold": q, "mean_passes": passes,
         "tokens_per_s": {name: {"min": min(r), "median": statistics.median(r)} for name, r in rate.items()},
-        "speedup": speedup, "compute_bound": bound, "share_of_bound_median": speedup["median"] / bound,
+        "speedup": ratio, "compute_bound": bound, "share_of_bound_median": ratio["median"] / bound,
+        "share_of_bound_paired_median": ratio["paired_median"] / bound,
+        "ticks": {name: c[1] for name, c in counts.items()}, "lm_head_calls": {name: c[2] for name, c in counts.items()},
+        "weight_read_bound": read["full_depth"] / read["early_exit"],
+        "share_of_weight_read_bound_paired_median": ratio["paired_median"] * read["early_exit"] / read["full_depth"],
         # live rows per tick / batch: below 1 when rows idle (the queue's tail, when it has run dry)
         "row_occupancy": applications / N / (ticks * min(batch, args.requests)),
         "tokens_equal_fixed_batch_async": all(torch.equal(a, b) for a, b in zip(outputs["early_exit"], fixed)),

@@ -86,10 +86,15 @@ class _Rows:
         self.T, self.max_new = config.total_ut_steps, max_new_tokens
         self.kv = torch.zeros(2, config.num_hidden_layers, batch, config.num_key_value_heads, capacity,
                               config.head_dim, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # not padding
+        # The columns each row attends to: its prompt but not its padding, its tokens so far, the current one.
+        self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        zeros = lambda: torch.zeros(batch, dtype=torch.long, device=device)  # noqa: E731
-        self.columns, self.positions, self.passes, self.produced = zeros(), zeros(), zeros(), zeros()
+        # One tensor, so that an emission advances the first three with one indexed write.
+        self.counters = torch.zeros(4, batch, dtype=torch.long, device=device)
+        self.produced, self.columns, self.positions, self.passes = self.counters  # views, updated in place
+        # RoPE of every position a row can reach (< capacity), looked up per tick instead of recomputed.
+        cos, sin = self.core.rotary(torch.arange(capacity, device=device)[None], dtype)
+        self.rope_table = cos[0, 0], sin[0, 0]  # (capacity, head_dim) each
         self.done = torch.ones(batch, dtype=torch.bool, device=device)  # a row without a request idles
         self.gates = torch.zeros(batch, self.T, dtype=torch.float32, device=device)
         self.h = torch.zeros(batch, 1, config.hidden_size, dtype=dtype, device=device)
@@ -110,8 +115,9 @@ class _Rows:
         mask (R, P) and first new tokens (R,) (from the prefill)."""
         P = kv.shape[-2]
         self.kv[:, :, rows, :, :P] = kv
-        self.valid[rows] = True
-        self.valid[rows, :P] = prompt_mask.bool()
+        self.visible[rows] = False
+        self.visible[rows, :P] = prompt_mask.bool()
+        self.visible[rows, P] = True
         self.columns[rows] = P
         self.positions[rows] = position_ids_from_mask(prompt_mask)[:, -1] + 1
         self.passes[rows], self.gates[rows] = 0, 0.0
@@ -124,9 +130,8 @@ class _Rows:
         """One pass of the N shared layers for every row, each at its own pass, attending to the
         first `width` columns. Returns the normed hidden states (B, 1, d) and which rows exit (B,)."""
         core, columns, policy = self.core, self.columns, self.policy
-        keys = torch.arange(width, device=columns.device)
-        mask = AttentionMask(dense=((keys[None] <= columns[:, None]) & self.valid[:, :width])[:, None, None])
-        rope = core.rotary(self.positions[:, None], self.h.dtype)
+        mask = AttentionMask(dense=self.visible[:, None, None, :width])
+        rope = tuple(table[self.positions][:, None, None] for table in self.rope_table)
         z = self.h
         for l, layer in enumerate(core.layers):
             z = layer(z, rope=rope, mask=mask, cache=slot(self.kv[:, l], columns, width))
@@ -149,22 +154,21 @@ class _Rows:
         z, exits = self._pass(int(self.columns.max()) + 1, ColumnSlot)
         live = ~self.done
         self.applied += live.sum()
-        self.h, self.passes = z, self.passes + 1
+        self.h = z
+        self.passes.add_(live)  # finished rows stay at pass 0 on their last column
         ended = self.batch[:0]
         emit = exits & live
         if bool(emit.any()):
             rows = emit.nonzero().squeeze(-1)
             new = self.model.lm_head(z[rows, 0]).argmax(-1)
             self.tokens[rows, self.produced[rows]] = new
-            self.produced[rows] += 1
-            self.columns[rows] += 1
-            self.positions[rows] += 1
+            self.counters[:3, rows] += 1  # produced, columns, positions
             self.passes[rows] = 0
+            self.visible[rows, self.columns[rows]] = True
             self.h = self.h.index_copy(0, rows, core.embed_tokens(new)[:, None].to(z.dtype))
             ending = self._ended(rows, new)
             self.done[rows] |= ending
             ended = rows[ending]
-        self._idle_finished()
         return ended
 
     def tick_static(self) -> None:
@@ -177,10 +181,9 @@ class _Rows:
         new = self.model.lm_head(z[:, 0]).argmax(-1)
         slot = self.produced.clamp_max(self.max_new - 1)[:, None]
         self.tokens.scatter_(1, slot, torch.where(emit[:, None], new[:, None], self.tokens.gather(1, slot)))
-        step = emit.long()
-        for counter in (self.produced, self.columns, self.positions):
-            counter.add_(step)
+        self.counters[:3].add_(emit.long())  # produced, columns, positions
         self.passes.copy_(torch.where(emit, 0, self.passes + 1))
+        self.visible.scatter_(1, self.columns.clamp_max(self.kv.shape[-2] - 1)[:, None], True)
         self.h.copy_(torch.where(emit[:, None, None], self.core.embed_tokens(new)[:, None].to(z.dtype), z))
         ending = self.produced >= self.max_new
         if self.eos is not None:
