@@ -50,11 +50,12 @@ def main(argv=None):
         ce = [F.cross_entropy(F.linear(h[0], weight), targets[0], reduction="none") for h in hiddens]
         ((p_exit[0] * torch.stack(ce, -1)).sum() / n).backward()
 
-    def matmuls():
+    def matmuls():  # into buffers allocated once per call, as the fused loss does
+        block, grad_h, grad_w = torch.empty(n, args.vocab), torch.empty(n, args.hidden), torch.empty_like(weight)
         with torch.no_grad():
             for h in hiddens:
-                logits = h[0] @ weight.t()
-                logits @ weight, logits.t() @ h[0]
+                torch.mm(h[0], weight.t(), out=block)
+                torch.mm(block, weight, out=grad_h), torch.mm(block.t(), h[0], out=grad_w)
 
     ways = {"fused": fused, "all_logits": all_logits, "matmuls": matmuls}
     for fn in ways.values():

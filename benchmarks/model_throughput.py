@@ -67,11 +67,13 @@ class _MatmulFloor(torch.autograd.Function):
     def forward(ctx, weight, p, chunk_size, *hiddens):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_h = [torch.empty_like(h) for h in hiddens]
+        block = torch.empty(min(chunk_size, hiddens[0].shape[0]), weight.shape[0], dtype=weight.dtype,
+                            device=weight.device)  # one block for all chunks, as the fused loss does
         for h, gh in zip(hiddens, grad_h):
             for start in range(0, h.shape[0], chunk_size):
                 hc = h[start:start + chunk_size]
-                logits = F.linear(hc, weight)
-                gh[start:start + chunk_size] = logits @ weight
+                logits = torch.mm(hc, weight.t(), out=block[:hc.shape[0]])
+                torch.mm(logits, weight, out=gh[start:start + chunk_size])
                 grad_w.addmm_(logits.t().float(), hc.float())
         ctx.save_for_backward(grad_w, p, *grad_h)
         return p.new_zeros((), dtype=torch.float32)

@@ -62,12 +62,20 @@ class _FusedExitCE(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
         grad_h = [torch.empty_like(h) if h.requires_grad else None for h in hiddens]
         rows = torch.arange(min(chunk_size, n), device=targets.device)
+        # One (chunk, V) fp32 block for every chunk (a fresh 200 MB tensor per chunk costs its page
+        # faults on a CPU), plus one in the weights' dtype when that is not fp32.
+        block = torch.empty(len(rows), weight.shape[0], dtype=torch.float32, device=weight.device)
+        low = None if weight.dtype == torch.float32 else torch.empty_like(block, dtype=weight.dtype)
         for t, h in enumerate(hiddens):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
                 hc, yc, r = h[start:end], targets[start:end], rows[:end - start]
-                # One (chunk, V) fp32 block, rewritten in place: logits -> exp(logits - max) -> gradient.
-                logits = F.linear(hc, weight).float()
+                # The block, rewritten in place: logits -> exp(logits - max) -> gradient.
+                logits = block[:end - start]
+                if low is None:
+                    torch.mm(hc, weight.t(), out=logits)
+                else:
+                    logits.copy_(torch.mm(hc, weight.t(), out=low[:end - start]))
                 target_logit = logits[r, yc]
                 peak = logits.amax(-1, keepdim=True)
                 e = logits.sub_(peak).exp_()
@@ -78,9 +86,9 @@ class _FusedExitCE(torch.autograd.Function):
                 w = weights[start:end, t, None]
                 g = e.mul_(w / total)  # w * softmax
                 g[r, yc] -= w.squeeze(1)  # w * (softmax - onehot)
-                g = g.to(h.dtype)
+                g = g if low is None else low[:end - start].copy_(g)
                 if grad_h[t] is not None:
-                    grad_h[t][start:end] = g @ weight
+                    torch.mm(g, weight, out=grad_h[t][start:end])
                 if grad_w is not None:
                     grad_w.addmm_(g.t().float() if h.dtype != torch.float32 else g.t(), hc.float())
         ctx.save_for_backward(ce, grad_w if grad_w is not None else torch.empty(0),
