@@ -115,12 +115,14 @@ def fused_exit_ce(hiddens: list[torch.Tensor], weight: torch.Tensor, targets: to
     (B, S) shifted, IGNORE_INDEX where ignored; p: (B, S, T) exit probabilities (gradients flow to them
     through dLoss/dp = CE / normalizer). Returns (loss, CE (B, S, T) fp32 with 0 at ignored positions,
     detached). Gradients equal autograd's of the plain formula; memory: one (chunk, V) fp32 block at a
-    time plus the stored gradients (T x targets x d, and V x d fp32 for the head).
+    time plus the stored gradients (T x targets x d, and V x d fp32 for the head). The matmuls run in
+    the LM head's dtype, also under autocast (hidden states in another dtype are cast to it first).
     """
     valid = targets != IGNORE_INDEX
     y = targets[valid]
     scale = 1.0 / (normalizer.float() if torch.is_tensor(normalizer) else float(normalizer))
-    loss, ce = _FusedExitCE.apply(weight, p[valid], y, scale, chunk_size, *[h[valid] for h in hiddens])
+    loss, ce = _FusedExitCE.apply(weight, p[valid], y, scale, chunk_size,
+                                  *[h[valid].to(weight.dtype) for h in hiddens])
     full = torch.zeros(*targets.shape, len(hiddens), dtype=torch.float32, device=targets.device)
     full[valid] = ce
     return loss, full

@@ -161,3 +161,32 @@ def test_fused_loss_has_the_chunked_reference_loss_and_gradients(dtype, tol, obj
     for name in grads_c:
         scale = grads_c[name].abs().max().clamp_min(1e-3)
         torch.testing.assert_close(grads_f[name] / scale, grads_c[name] / scale, atol=tol, rtol=tol, msg=name)
+
+
+def test_fused_loss_under_autocast_with_hidden_states_in_another_dtype():
+    """bf16 hidden states and an fp32 LM head under autocast (the loss writes its matmuls into
+    preallocated blocks, which autocast does not cast): the loss and gradients are those of the
+    plain formula in fp32 on the same (bf16-valued) hidden states, and each hidden state's gradient
+    comes back in its own dtype."""
+    from looplm.objectives import fused_exit_ce
+
+    g = torch.Generator().manual_seed(0)
+    n, d, V, T = 7, 16, 50, 3
+    weight = (torch.randn(V, d, generator=g) * 0.3).requires_grad_()
+    hiddens = [torch.randn(1, n, d, generator=g).bfloat16().requires_grad_() for _ in range(T)]
+    targets = torch.randint(0, V, (1, n), generator=g)
+    targets[0, 2] = -100
+    p = torch.softmax(torch.randn(1, n, T, generator=g), -1).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = fused_exit_ce(hiddens, weight, targets, p, 6, chunk_size=3)
+    loss.backward()
+    ref_w, ref_h = weight.detach().clone().requires_grad_(), [h.detach().float().requires_grad_() for h in hiddens]
+    ref_p = p.detach().clone().requires_grad_()
+    ce = torch.stack([F.cross_entropy(h[0] @ ref_w.T, targets[0], reduction="none") for h in ref_h], -1)
+    ((ref_p[0] * ce).sum() / 6).backward()
+    torch.testing.assert_close(loss, (ref_p[0] * ce).sum().detach() / 6, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p.grad, ref_p.grad, atol=1e-5, rtol=1e-5)
+    for h, r in zip(hiddens, ref_h):
+        assert h.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(h.grad.float(), r.grad, atol=1e-2, rtol=1e-2)
