@@ -92,6 +92,7 @@ class _Rows:
         # One tensor, so that an emission advances the first three with one indexed write.
         self.counters = torch.zeros(4, batch, dtype=torch.long, device=device)
         self.produced, self.columns, self.positions, self.passes = self.counters  # views, updated in place
+        # A request's column ends at P + max_new_tokens - 1 < capacity: finished rows idle there, in range.
         # RoPE of every position a row can reach (< capacity), looked up per tick instead of recomputed.
         cos, sin = self.core.rotary(torch.arange(capacity, device=device)[None], dtype)
         self.rope_table = cos[0, 0], sin[0, 0]  # (capacity, head_dim) each
@@ -142,11 +143,6 @@ class _Rows:
             return z, (cdf >= policy.value) | (self.passes == self.T - 1)
         return z, self.passes == (int(policy.value) if policy.kind == "fixed" else self.T - 1)
 
-    def _idle_finished(self) -> None:
-        """Finished rows idle at pass 0 on their last column (their results are unused). In place."""
-        self.passes.masked_fill_(self.done, 0)
-        self.columns.copy_(torch.where(self.done, self.columns.clamp_max(self.kv.shape[-2] - 1), self.columns))
-
     def tick(self) -> torch.Tensor:
         """One pass for every row; rows whose token exits emit it (the LM head runs on those rows
         only). Returns the rows whose request ended at this tick."""
@@ -182,14 +178,13 @@ class _Rows:
         slot = self.produced.clamp_max(self.max_new - 1)[:, None]
         self.tokens.scatter_(1, slot, torch.where(emit[:, None], new[:, None], self.tokens.gather(1, slot)))
         self.counters[:3].add_(emit.long())  # produced, columns, positions
-        self.passes.copy_(torch.where(emit, 0, self.passes + 1))
-        self.visible.scatter_(1, self.columns.clamp_max(self.kv.shape[-2] - 1)[:, None], True)
+        self.passes.add_(~self.done).masked_fill_(emit, 0)  # finished rows stay at pass 0, as in tick
+        self.visible.scatter_(1, self.columns[:, None], True)
         self.h.copy_(torch.where(emit[:, None, None], self.core.embed_tokens(new)[:, None].to(z.dtype), z))
         ending = self.produced >= self.max_new
         if self.eos is not None:
             ending = ending | (new == self.eos)
         self.done |= emit & ending
-        self._idle_finished()
 
 
 def _cuda_graph(step):

@@ -90,7 +90,7 @@ class _FusedExitCE(torch.autograd.Function):
                 if grad_h[t] is not None:
                     torch.mm(g, weight, out=grad_h[t][start:end])
                 if grad_w is not None:
-                    grad_w.addmm_(g.t().float() if h.dtype != torch.float32 else g.t(), hc.float())
+                    grad_w.addmm_(g.t() if low is None else g.t().float(), hc.float())
         ctx.save_for_backward(ce, grad_w if grad_w is not None else torch.empty(0),
                               *[g if g is not None else torch.empty(0) for g in grad_h])
         ctx.scale, ctx.has_w, ctx.has_h = scale, grad_w is not None, [g is not None for g in grad_h]
