@@ -151,29 +151,32 @@ def load(folder: Path):
 
 
 @torch.no_grad()
-def score(model, tok, items, batch: int = 100, **policy) -> dict:
-    """Held-out exact match under an exit policy, teacher-forced: a problem is right when every
-    answer token is the argmax at its position (for the first answer token this is exactly greedy
-    decoding with the policy; both tasks' answers are one or two tokens). passes: mean exit pass
-    (1-based) over the answer tokens, i.e. the compute an early-exiting decoder spends on them."""
-    correct = passes = count = 0
+def score_problems(model, tok, items, batch: int = 500, **policy) -> dict:
+    """Per-problem greedy exact match under an exit policy (`pretrain.evaluate.greedy_answers`, the
+    trainer's scorer: 4 new tokens, first word; here without the KV cache, so that under a threshold
+    policy later tokens do not depend on how skipped passes fill it) and the pass at which the first answer token was produced (its exit
+    pass at the prompt's last position: the compute an early-exiting decoder spends on it).
+    Returns {"correct": [0/1], "passes": [int]}, one entry per problem."""
+    from looplm import left_pad
+    from pretrain.evaluate import greedy_answers
+
+    correct, passes = [], []
     for i in range(0, len(items), batch):
-        prompts = [tok.encode(p) for p, _ in items[i:i + batch]]
-        fulls = [tok.encode(f"{p} {a}") for p, a in items[i:i + batch]]
-        width = max(len(f) for f in fulls)
-        ids = torch.zeros(len(fulls), width, dtype=torch.long)
-        for r, f in enumerate(fulls):  # right padding: causal attention never sees it
-            ids[r, :len(f)] = torch.tensor(f)
-        out = model(ids, use_cache=False, **policy)
-        predicted = out.logits.argmax(-1)
-        for r, (prompt, full) in enumerate(zip(prompts, fulls)):
-            if full[:len(prompt)] != prompt:
-                raise ValueError(f"the tokenizer splits {items[i + r]} differently with the answer attached")
-            at = torch.arange(len(prompt) - 1, len(full) - 1)
-            correct += bool((predicted[r, at] == torch.tensor(full[len(prompt):])).all())
-            passes += float((out.exit_steps[r, at] + 1).float().mean())
-            count += 1
-    return {"accuracy": correct / max(count, 1), "passes": passes / max(count, 1), "n": count}
+        chunk = items[i:i + batch]
+        prompts = [p for p, _ in chunk]
+        answers = greedy_answers(model, tok, prompts, "cpu", use_cache=False, **policy)
+        correct += [int(g == a) for g, (_, a) in zip(answers, chunk)]
+        ids, mask = left_pad([tok.encode(p) for p in prompts])
+        out = model(ids, attention_mask=mask, use_cache=False, **policy)
+        passes += (out.exit_steps[:, -1] + 1).tolist()
+    return {"correct": correct, "passes": passes}
+
+
+def score(model, tok, items, batch: int = 500, **policy) -> dict:
+    """Held-out accuracy and mean exit pass of `score_problems` over the items."""
+    got = score_problems(model, tok, items, batch, **policy)
+    n = len(got["correct"])
+    return {"accuracy": sum(got["correct"]) / max(n, 1), "passes": sum(got["passes"]) / max(n, 1), "n": n}
 
 
 def eval_items(run: Run) -> list:

@@ -5,7 +5,7 @@ from transformers import PretrainedConfig
 EXIT_POLICIES = ("auto", "last", "fixed", "threshold", "hidden_diff", "weighted")
 KV_SHARING_MODES = ("none", "last", "mean")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex")
-OBJECTIVES = ("stage1", "stage2")
+OBJECTIVES = ("stage1", "last_pass", "stage2")
 
 
 class LoopLMConfig(PretrainedConfig):
@@ -16,8 +16,9 @@ class LoopLMConfig(PretrainedConfig):
     unchanged and ours load in tools that read Ouro. looplm adds:
 
     * `entropy_beta`: beta of the stage-I objective (paper: 0.1 at T=8, then 0.05).
-    * `objective`: "stage1" (LM + gate, entropy-regularised expected loss) or "stage2"
-      (gate only, BCE against the loss-improvement target with `stage2_k`, `stage2_gamma`).
+    * `objective`: "stage1" (LM + gate, entropy-regularised expected loss), "last_pass" (plain CE
+      of the last pass, the gate untrained) or "stage2" (gate only, BCE against the
+      loss-improvement target with `stage2_k`, `stage2_gamma`).
     * `ce_chunk_size`: tokens per chunk of the per-pass LM head + cross-entropy.
     * `loss_implementation`: "fused" (stage I's CE and its gradients computed chunk by chunk in the
       forward pass, nothing recomputed) or "chunked" (the reference: per-pass chunked CE under

@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 from .attention import build_attention_mask, position_ids_from_mask
 from .cache import CacheSlot, LoopCache
 from .compat import CACHE_NAME, cache_argument, output_cache
-from .config import LoopLMConfig
+from .config import OBJECTIVES, LoopLMConfig
 from .exits import ExitPolicy, exit_distribution, exit_entropy, resolve_exit_policy, select_exit_steps
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from .objectives import fused_exit_ce, shift_labels, stage1_loss, stage2_gate_loss, token_cross_entropy
@@ -215,6 +215,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         token after each position), for a slice of a longer sequence (sequence parallelism). The loss is
         `objective` (config default):
         "stage1" = sum_t p_t CE_t - beta H(p) averaged over targets (or divided by num_items_in_batch),
+        "last_pass" = plain CE of the last pass (what a non-looped model trains; the gate is not trained),
         "stage2" = the gate-only BCE objective (no gradient reaches the LM). entropy_beta: beta of stage I
         (config default); a trainer passes both each step rather than writing them into the config.
         compute_logits: default False when training with labels (the loss never needs them).
@@ -273,6 +274,14 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         elif objective == "stage1":
             step_ce = torch.stack([token_cross_entropy(h, self.lm_head.weight, targets, chunk) for h in hiddens], -1)
             loss = stage1_loss(step_ce, gate_logits, mask, entropy_beta, num_items_in_batch)
+        elif objective == "last_pass":
+            # Plain next-token CE of the last pass only (the gate gets no gradient); earlier passes reported.
+            with torch.no_grad():
+                earlier = [token_cross_entropy(h, self.lm_head.weight, targets, chunk) for h in hiddens[:-1]]
+            last = token_cross_entropy(hiddens[-1], self.lm_head.weight, targets, chunk)
+            step_ce = torch.stack(earlier + [last], -1)
+            normalizer = mask.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch
+            loss = (last * mask).sum() / normalizer
         elif objective == "stage2":
             # The LM is frozen in stage II: per-pass CE without graph, the gate re-read on detached states.
             with torch.no_grad():
@@ -281,7 +290,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             loss = stage2_gate_loss(step_ce, gate, mask, self.config.stage2_k, self.config.stage2_gamma,
                                     num_items_in_batch)
         else:
-            raise ValueError(f"objective={objective!r} is unknown; use 'stage1' or 'stage2'")
+            raise ValueError(f"objective={objective!r} is unknown; use one of {OBJECTIVES}")
         step_losses = (step_ce.detach() * mask[..., None]).sum((0, 1)) / mask.sum().clamp_min(1)
         return loss, step_losses
 

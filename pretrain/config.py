@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from looplm.config import OBJECTIVES
 from runtime import config as _config
 from runtime.config import ConfigError, LaunchConfig
 
@@ -54,7 +55,7 @@ class OptimConfig:
 
 @dataclass
 class OuroConfig:
-    objective: str = "stage1"  # stage1 (LM + gate) or stage2 (gate only, LM frozen)
+    objective: str = "stage1"  # stage1 (LM + gate), last_pass (plain CE of the last pass) or stage2 (gate only)
     beta_schedule: list = field(default_factory=list)  # [[from_step, beta], ...]; empty = model's entropy_beta
 
 
@@ -157,7 +158,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         (t.save_every > 0 and t.keep_last > 0, "train.save_every", "save_every and keep_last must be positive"),
         (o.schedule in ("wsd", "cosine", "constant"), "optim.schedule", f"{o.schedule!r}: use wsd, cosine or constant"),
         (0 <= o.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]"),
-        (cfg.ouro.objective in ("stage1", "stage2"), "ouro.objective", f"{cfg.ouro.objective!r}: use stage1 or stage2"),
+        (cfg.ouro.objective in OBJECTIVES, "ouro.objective", f"{cfg.ouro.objective!r}: use one of {OBJECTIVES}"),
         (cfg.data.on_exhaust in ("wrap", "stop"), "data.on_exhaust", f"{cfg.data.on_exhaust!r}: use wrap or stop"),
         (cfg.data.verify in ("full", "sample", "off"), "data.verify", f"{cfg.data.verify!r}: use full, sample or off"),
         (cfg.data.verify_blocks >= 2, "data.verify_blocks", "must be at least 2 (the first and the last block)"),

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from looplm import left_pad
 
-from .data.synthetic import exact_match
+from .data.synthetic import exact_match, first_word
 
 
 @torch.no_grad()
@@ -27,6 +27,19 @@ def validation_loss(model, loader_batches, device) -> list[float] | None:
 
 
 @torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], device, sync: bool = False, max_new_tokens: int = 4,
+                   **policy) -> list[str]:
+    """The first word of each prompt's greedy continuation (`max_new_tokens` tokens) under an exit
+    policy (`exit_at_step`, `exit_threshold`, ...; none = the config's): the one scorer of the
+    synthetic tasks, in training and in the experiment drivers."""
+    ids, mask = left_pad([tokenizer.encode(p) for p in prompts])
+    width = ids.shape[1]
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, synced_gpus=sync, **policy)
+    return [first_word(tokenizer.decode(row[width:].tolist())) for row in out]
+
+
+@torch.no_grad()
 def task_accuracy(model, tokenizer, tasks: dict, max_prompts: int, device, sync: bool,
                   rank: int | None = None, world: int | None = None) -> dict:
     """{"<task>@<pass>": accuracy} for a fixed exit pass 1..T, and "<task>@gate" for the config's
@@ -44,14 +57,10 @@ def task_accuracy(model, tokenizer, tasks: dict, max_prompts: int, device, sync:
         mine = items[rank * share:(rank + 1) * share]
         valid = len(mine)
         mine = mine + [items[0]] * (share - valid)  # padding rows, not counted
-        ids, mask = left_pad([tokenizer.encode(p) for p, _ in mine])
-        width = ids.shape[1]
         policies = [(str(t + 1), {"exit_at_step": t}) for t in range(T)] + [("gate", {})]
         for name, kw in policies:
-            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=4, min_new_tokens=4,
-                                 do_sample=False, pad_token_id=0, synced_gpus=sync, **kw)
-            texts = [tokenizer.decode(row[width:].tolist()) for row in out[:valid]]
-            correct = exact_match(texts, [a for _, a in mine[:valid]]) * valid
+            answers = greedy_answers(model, tokenizer, [p for p, _ in mine], device, sync, **kw)[:valid]
+            correct = exact_match(answers, [a for _, a in mine[:valid]]) * valid
             counts = torch.tensor([correct, valid], dtype=torch.float64, device=device)
             dist.all_reduce(counts)
             results[f"{task}@{name}"] = (counts[0] / counts[1].clamp_min(1)).item()

@@ -1,7 +1,8 @@
-"""Data-pipeline commands: python -m pretrain.data {ingest,train-tokenizer,inspect,synthetic,word-problems} [args]"""
+"""Data-pipeline commands: python -m pretrain.data {ingest,train-tokenizer,inspect,synthetic,word-problems,chains} [args]"""
 
 import sys
 
+from .chains import main as chains_main
 from .indexed import main as inspect_main
 from .ingest import main as ingest_main
 from .synthetic import main as synthetic_main
@@ -9,7 +10,8 @@ from .tokenizer import main as tokenizer_main
 from .word_problems import main as word_problems_main
 
 COMMANDS = {"ingest": ingest_main, "train-tokenizer": tokenizer_main, "inspect": inspect_main,
-            "synthetic": synthetic_main, "word-problems": word_problems_main}
+            "synthetic": synthetic_main, "word-problems": word_problems_main,
+            "chains": chains_main}
 
 
 def main(argv=None):

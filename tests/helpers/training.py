@@ -91,3 +91,14 @@ def single_and_parallel_runs(root: Path, cases: dict, overrides, parallel: dict,
     cmd = deepspeed_cmd(world) + ["tests/helpers/multi_run.py", "--config", "configs/smoke.yaml", "--runs", str(spec)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"a.b.c": value}: to compare configs key by key."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

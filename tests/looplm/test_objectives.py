@@ -72,6 +72,21 @@ def test_stage2_loss_equals_independent_recomputation_and_only_trains_the_gate()
         assert (p.grad is not None) == name.startswith("model.early_exit_gate"), name
 
 
+def test_last_pass_loss_is_plain_ce_of_the_last_pass_and_leaves_the_gate_untrained():
+    model = tiny_model().train()
+    ids = torch.randint(0, 256, (2, 9))
+    labels = ids.clone()
+    labels[1, :4] = -100
+    out = model(ids, labels=labels, objective="last_pass", output_step_logits=True, use_cache=False)
+    ce = _per_token_ce(out.step_logits, labels)
+    keep = labels[:, 1:].flatten() != -100
+    torch.testing.assert_close(out.loss, ce[-1][keep].mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.step_losses, torch.stack(ce, -1)[keep].mean(0), atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (not name.startswith("model.early_exit_gate")), name
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 4096])
 def test_chunked_cross_entropy_equals_unchunked(chunk):
     hidden = torch.randn(2, 7, 16, requires_grad=True)

@@ -1,0 +1,49 @@
+"""The seeds x problems bootstrap: exact on constant data, paired differences cancel what two rows
+share, and the interval narrows with more problems and covers the mean."""
+
+import pytest
+import torch
+
+from experiments.stats import seed_problem_interval
+
+
+def test_a_constant_difference_gives_a_zero_width_interval():
+    a = [[1.0, 0.5, 0.75, 1.0]] * 3
+    got = seed_problem_interval(a, [[x - 0.25 for x in row] for row in a])
+    assert got == {"diff": 0.25, "ci95": [0.25, 0.25], "n_seeds": 3, "n_problems": 4}
+
+
+def test_pairing_cancels_the_shared_problem_difficulty():
+    g = torch.Generator().manual_seed(0)
+    difficulty = torch.rand(1, 400, generator=g).expand(3, 400)
+    noise = 0.01 * torch.randn(3, 400, generator=g)
+    a, b = difficulty + 0.1 + noise, difficulty
+    paired = seed_problem_interval(a, b)
+    unpaired_width = 2 * 1.96 * (a.mean(0).var() / 400 + b.mean(0).var() / 400).sqrt().item()
+    lo, hi = paired["ci95"]
+    assert lo < 0.1 < hi and hi - lo < unpaired_width / 10
+
+
+def test_interval_covers_the_mean_and_narrows_with_more_problems():
+    g = torch.Generator().manual_seed(1)
+    widths = []
+    for n in (100, 1600):
+        x = (torch.rand(3, n, generator=g) < 0.6).double()
+        got = seed_problem_interval(x)
+        lo, hi = got["ci95"]
+        assert got["mean"] == pytest.approx(x.mean().item()) and lo <= got["mean"] <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2.5  # about 1 / sqrt(16) = 1/4
+
+
+def test_seed_spread_widens_the_interval():
+    same = torch.tensor([[1.0, 0.0] * 50] * 3)
+    spread = same + torch.tensor([[-0.2], [0.0], [0.2]])
+    assert (seed_problem_interval(spread)["ci95"][1] - seed_problem_interval(spread)["ci95"][0]
+            > seed_problem_interval(same)["ci95"][1] - seed_problem_interval(same)["ci95"][0])
+
+
+@pytest.mark.parametrize("a,b", [([[1, 0]], [[1, 0, 1]]), ([1, 0, 1], None), ([[]], None)])
+def test_bad_shapes_are_named(a, b):
+    with pytest.raises(ValueError, match="seeds|paired"):
+        seed_problem_interval(a, b)
