@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.ouro_synthetic import Run, curves, describe, load, train_and_export
+from experiments.ouro_synthetic import Run, curves, describe, load, thin, train_and_export
 from experiments.ouro_synthetic import score_problems as score
 from experiments.stats import seed_problem_interval
 
@@ -117,7 +117,7 @@ class Suite:
         start = time.time()
         folder = train_and_export(run)
         model, tok = load(folder)
-        c = curves(run)
+        c = thin(curves(run))
         loops = run.meta["loops"]
         entry = {**run.meta, **describe(model, run), "curves": c, "tokens_trained": c["tokens"][-1],
                  "valid_accuracy": c["eval_accuracy"][-1][f"chains@{loops}"] if c["eval_accuracy"] else None,
@@ -160,7 +160,8 @@ class Suite:
                                                         "chosen": max(valid, key=valid.get)}
         final["beta0"] = self.seeds(looped, best[looped], "beta0")
         final["stage2"] = self.seeds(looped, best[looped], "stage2")
-        self.results["test"] = self.test(final)
+        if "test" not in self.results:  # touched once: delete "test" from the results file to rescore
+            self.results["test"] = self.test(final)
         self.results["summary"] = headline(self.results)
         self.save()
 
@@ -276,6 +277,8 @@ def main(argv=None):
         print(report(results))
         return
     results.update({"scale": scale.__dict__, "task": TASK, "K": K, "T": T})
+    for entry in results.get("runs", {}).values():  # files written before the curves were thinned
+        entry["curves"] = thin(entry["curves"])
 
     def save():
         path.parent.mkdir(parents=True, exist_ok=True)

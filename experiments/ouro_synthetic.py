@@ -199,6 +199,26 @@ def curves(run: Run) -> dict:
             "eval_accuracy": [r["accuracy"] for r in evals]}
 
 
+def thin(c: dict, points: int = 250) -> dict:
+    """The per-step training records of `curves` as at most `points` windows: each window's last step
+    and token count, and its mean CE per pass, exit entropy and mean depth (a small results file whose
+    curves still show the trend). Idempotent; the evaluation records are kept whole."""
+    n = len(c["step"])
+    if n <= points:
+        return c
+    ends = [round(n * (i + 1) / points) for i in range(points)]
+    windows = [range(a, b) for a, b in zip([0] + ends[:-1], ends)]
+
+    def mean(rows):
+        return sum(rows) / len(rows)
+
+    return {**c, "step": [c["step"][w[-1]] for w in windows], "tokens": [c["tokens"][w[-1]] for w in windows],
+            "loss_per_pass": [[mean([c["loss_per_pass"][i][t] for i in w]) for t in range(len(c["loss_per_pass"][0]))]
+                              for w in windows],
+            "exit_entropy": [mean([c["exit_entropy"][i] for i in w]) for w in windows],
+            "mean_depth": [mean([c["mean_depth"][i] for i in w]) for w in windows]}
+
+
 def _tokens_at(train, step):
     return next((r["tokens_seen"] for r in train if r["step"] == step), None)
 

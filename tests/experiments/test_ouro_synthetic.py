@@ -82,3 +82,24 @@ def test_score_is_the_mean_of_the_per_problem_scores(data):
         per = score_problems(model, tok, items, batch=7, **policy)
         got = score(model, tok, items, batch=11, **policy)
         assert got == {"accuracy": sum(per["correct"]) / 30, "passes": pytest.approx(sum(per["passes"]) / 30), "n": 30}
+
+
+def test_thinned_curves_keep_the_window_means_and_the_last_step():
+    from experiments.ouro_synthetic import thin
+
+    n, passes = 1003, 3
+    g = torch.Generator().manual_seed(0)
+    loss = torch.rand(n, passes, generator=g, dtype=torch.float64)
+    c = {"step": list(range(1, n + 1)), "tokens": [100 * s for s in range(1, n + 1)], "loss_per_pass": loss.tolist(),
+         "exit_entropy": loss[:, 0].tolist(), "mean_depth": loss[:, 1].tolist(), "eval_step": [500, 1000],
+         "eval_tokens": [1, 2], "eval_accuracy": [{"a": 0.1}, {"a": 0.2}]}
+    t = thin(c, points=50)
+    assert len(t["step"]) == 50 and t["step"][-1] == n and t["tokens"][-1] == 100 * n
+    assert t["eval_accuracy"] == c["eval_accuracy"]
+    # the windows tile the steps: each window's mean weighted by its length gives the overall mean
+    sizes = torch.tensor([t["step"][0]] + [b - a for a, b in zip(t["step"], t["step"][1:])], dtype=torch.float64)
+    assert sizes.sum() == n
+    total = (torch.tensor(t["loss_per_pass"], dtype=torch.float64) * sizes[:, None]).sum(0) / n
+    torch.testing.assert_close(total, loss.mean(0))
+    assert thin(t, points=50) == t  # idempotent
+    assert thin(c, points=n) == c
