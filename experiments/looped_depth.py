@@ -58,7 +58,7 @@ class Scale:
     max_extensions: int
 
 
-FULL = Scale(steps=2500, lrs=(1e-3, 2e-3, 4e-3), seeds=(1, 2, 3), stage2_steps=300, max_extensions=1)
+FULL = Scale(steps=2500, lrs=(1e-3, 2e-3, 4e-3), seeds=(1, 2, 3), stage2_steps=300, max_extensions=3)
 QUICK = Scale(steps=400, lrs=(2e-3,), seeds=(1,), stage2_steps=60, max_extensions=0)
 
 

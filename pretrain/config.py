@@ -30,7 +30,8 @@ class DataConfig:
     default_corpus_dir: str = "data/default"  # where the embedded corpus is generated when blend is None
     tokenizer: str | None = None  # tokenizer of the indexed files (checked against their header)
     seq_len: int = 4096
-    valid_fraction: float = 0.01
+    valid_fraction: float = 0.01  # documents of the blend held out for validation (0 with valid_blend)
+    valid_blend: typing.Any = None  # separate validation data (blend syntax), e.g. a prepared corpus's valid split
     seed: int = 1234
     on_exhaust: str = "wrap"  # wrap (reshuffled epochs) or stop
     num_workers: int = 0
@@ -159,6 +160,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         (o.schedule in ("wsd", "cosine", "constant"), "optim.schedule", f"{o.schedule!r}: use wsd, cosine or constant"),
         (0 <= o.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]"),
         (cfg.ouro.objective in OBJECTIVES, "ouro.objective", f"{cfg.ouro.objective!r}: use one of {OBJECTIVES}"),
+        (cfg.data.valid_blend is None or cfg.data.valid_fraction == 0, "data.valid_fraction",
+         f"{cfg.data.valid_fraction} holds training documents out while data.valid_blend names the validation data; "
+         "set data.valid_fraction: 0"),
+        (cfg.data.valid_blend is None or cfg.data.blend is not None, "data.valid_blend",
+         "needs data.blend (the embedded corpus has its own validation split)"),
         (cfg.data.on_exhaust in ("wrap", "stop"), "data.on_exhaust", f"{cfg.data.on_exhaust!r}: use wrap or stop"),
         (cfg.data.verify in ("full", "sample", "off"), "data.verify", f"{cfg.data.verify!r}: use full, sample or off"),
         (cfg.data.verify_blocks >= 2, "data.verify_blocks", "must be at least 2 (the first and the last block)"),

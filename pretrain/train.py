@@ -54,19 +54,31 @@ def build_data(cfg, model_config, rank):
     else:
         entries, tokenizer_path, tasks_dir = parse_blend(d.blend), d.tokenizer, d.eval_tasks_dir
     tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
+
+    def indexed(prefix):
+        data = IndexedDataset(prefix, verify_on_read=d.verify_on_read)
+        verify_data(data, d)
+        data.check_vocab(model_config.vocab_size)
+        if tokenizer is not None:
+            data.check_tokenizer(tokenizer.identity)
+        return data
+
     train_parts, valid_parts = [], []
     for _, prefix in entries:
-        indexed = IndexedDataset(prefix, verify_on_read=d.verify_on_read)
-        verify_data(indexed, d)
-        indexed.check_vocab(model_config.vocab_size)
-        if tokenizer is not None:
-            indexed.check_tokenizer(tokenizer.identity)
-        train_parts.append(PackedDataset(indexed, d.seq_len, d.seed, "train", d.valid_fraction, wrap=True))
+        data = indexed(prefix)
+        train_parts.append(PackedDataset(data, d.seq_len, d.seed, "train", d.valid_fraction, wrap=True))
         if d.valid_fraction > 0:
-            valid_parts.append(PackedDataset(indexed, d.seq_len, d.seed, "valid", d.valid_fraction, wrap=False))
+            valid_parts.append(PackedDataset(data, d.seq_len, d.seed, "valid", d.valid_fraction, wrap=False))
     weights = [w for w, _ in entries]
+    if d.valid_blend is not None:  # separate validation data: every document of it, in the blend's weights
+        valid_entries = parse_blend(d.valid_blend)
+        valid_parts = [PackedDataset(indexed(prefix), d.seq_len, d.seed, "train", 0.0, wrap=False)
+                       for _, prefix in valid_entries]
+        valid_weights = [w for w, _ in valid_entries]
+    else:
+        valid_weights = weights
     train = BlendedDataset(train_parts, weights, d.on_exhaust)
-    valid = BlendedDataset(valid_parts, weights, "stop") if valid_parts else None
+    valid = BlendedDataset(valid_parts, valid_weights, "stop") if valid_parts else None
     if tasks_dir is not None:
         tasks = {p.stem.removeprefix("eval_"): read_eval(p) for p in sorted(Path(tasks_dir).glob("eval_*.jsonl"))}
     return train, valid, tokenizer, tasks
@@ -370,7 +382,7 @@ class Trainer(TrainLoop):
                 if losses is None and rank == 0:
                     print(f"warning: eval step {step}: no validation CE: the validation split holds "
                           f"{len(self.valid_set)} sequences, fewer than one micro-batch per rank "
-                          f"({cfg.train.micro_batch} x {dp}); raise data.valid_fraction", file=sys.stderr, flush=True)
+                          f"({cfg.train.micro_batch} x {dp}); raise data.valid_fraction or give data.valid_blend more data", file=sys.stderr, flush=True)
                 elif losses is not None:
                     record["valid_loss_per_pass"] = losses
             if self.tasks and self.tokenizer is not None and cfg.train.eval_max_prompts > 0:

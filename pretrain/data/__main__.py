@@ -1,17 +1,19 @@
-"""Data-pipeline commands: python -m pretrain.data {ingest,train-tokenizer,inspect,synthetic,word-problems,chains} [args]"""
+"""Data-pipeline commands: python -m pretrain.data {prepare,ingest,train-tokenizer,inspect,synthetic,word-problems,chains,shakespeare} [args]"""
 
 import sys
 
 from .chains import main as chains_main
 from .indexed import main as inspect_main
 from .ingest import main as ingest_main
+from .shakespeare import main as shakespeare_main
 from .synthetic import main as synthetic_main
+from .text_corpus import main as prepare_main
 from .tokenizer import main as tokenizer_main
 from .word_problems import main as word_problems_main
 
-COMMANDS = {"ingest": ingest_main, "train-tokenizer": tokenizer_main, "inspect": inspect_main,
+COMMANDS = {"prepare": prepare_main, "ingest": ingest_main, "train-tokenizer": tokenizer_main, "inspect": inspect_main,
             "synthetic": synthetic_main, "word-problems": word_problems_main,
-            "chains": chains_main}
+            "chains": chains_main, "shakespeare": shakespeare_main}
 
 
 def main(argv=None):

@@ -148,10 +148,13 @@ def bound_arguments(fn, *args, **kwargs) -> dict:
 
 
 def prepare_corpus(out_dir: str | Path, recipe: dict, write, vocab_size: int, workers: int = 1,
-                   progress: bool = False, user_symbols: list[str] | None = None) -> dict:
-    """A generated corpus in `out_dir`: `write(out)` writes train.jsonl ({"text"}) and any side files
-    and returns their paths; then a sentencepiece tokenizer and the indexed files. Reused when complete
-    and made from the same `recipe` (corpus.json, written last), regenerated otherwise."""
+                   progress: bool = False, user_symbols: list[str] | None = None, tokenizer_texts=None,
+                   also_ingest: tuple = (), real_text: bool = False) -> dict:
+    """A corpus in `out_dir`: `write(out)` writes train.jsonl ({"text"}) and any side files and returns
+    their paths; then a sentencepiece tokenizer trained on train.jsonl (`tokenizer_texts(path)`: the
+    strings it is trained on, default its documents; `real_text`: see train_sentencepiece) and the indexed files of train.jsonl and of the
+    side files named in `also_ingest` (out/NAME.bin/.idx). Reused when complete and made from the
+    same `recipe` (corpus.json, written last), regenerated otherwise."""
     from .ingest import ingest
     from .tokenizer import read_texts, train_sentencepiece
 
@@ -163,7 +166,8 @@ def prepare_corpus(out_dir: str | Path, recipe: dict, write, vocab_size: int, wo
         made = json.loads(stamp.read_text())
         made = made if {"recipe", "files"} <= set(made) else {"recipe": None, "files": {}}  # an older stamp
         kept = {**files, **{name: out / path for name, path in made["files"].items()}}
-        complete = all(p.exists() for p in kept.values() if p != files["data"]) and (out / "train.idx").exists()
+        complete = (all(p.exists() for p in kept.values() if p != files["data"])
+                    and all((out / f"{name}.idx").exists() for name in ("train", *also_ingest)))
         if made["recipe"] == recipe and complete:
             return kept
         print(f"note: {out} holds a corpus made with other arguments or with files missing; regenerating it",
@@ -173,9 +177,11 @@ def prepare_corpus(out_dir: str | Path, recipe: dict, write, vocab_size: int, wo
             (out / path).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     written = write(out)
-    train_sentencepiece(read_texts(files["train"], "text"), files["tokenizer"], vocab_size, user_symbols=user_symbols)
-    ingest([str(files["train"])], files["tokenizer"], files["data"], workers=workers, progress=progress,
-           overwrite=True)  # the recipe stamp above decided that this corpus is regenerated
+    texts = tokenizer_texts(files["train"]) if tokenizer_texts else read_texts(files["train"], "text")
+    train_sentencepiece(texts, files["tokenizer"], vocab_size, user_symbols=user_symbols, real_text=real_text)
+    for name, source in (("train", files["train"]), *((name, written[name]) for name in also_ingest)):
+        ingest([str(source)], files["tokenizer"], out / name, workers=workers, progress=progress,
+               overwrite=True)  # the recipe stamp above decided that this corpus is regenerated
     files.update(written)
     side = {name: str(Path(path).relative_to(out)) for name, path in written.items() if name != "train"}
     stamp.write_text(json.dumps({"recipe": recipe, "files": side}, indent=1))

@@ -67,9 +67,11 @@ class Tokenizer:
 
 
 def train_sentencepiece(texts, output: str | Path, vocab_size: int, model_type: str = "bpe",
-                        user_symbols: list[str] | None = None) -> Tokenizer:
+                        user_symbols: list[str] | None = None, real_text: bool = False) -> Tokenizer:
     """Train a sentencepiece model on an iterable of strings; writes `output` (.model) and returns it.
-    Single-threaded and unshuffled, so the same corpus gives the same model."""
+    Single-threaded and unshuffled, so the same corpus gives the same model. `real_text`: characters
+    unseen in training fall back to UTF-8 bytes (256 byte pieces, no unknown token in practice) and
+    runs of spaces are kept (indentation, verse layout)."""
     import sentencepiece as spm
 
     output = Path(output)
@@ -85,6 +87,7 @@ def train_sentencepiece(texts, output: str | Path, vocab_size: int, model_type: 
             model_type=model_type, character_coverage=1.0, num_threads=1, shuffle_input_sentence=False,
             input_sentence_size=0, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2,
             user_defined_symbols=user_symbols or [], hard_vocab_limit=False,
+            byte_fallback=real_text, remove_extra_whitespaces=not real_text,
         )
     except RuntimeError as err:
         raise DataError(f"sentencepiece training failed: {err}") from err
