@@ -162,6 +162,13 @@ class Suite:
         final["stage2"] = self.seeds(looped, best[looped], "stage2")
         if "test" not in self.results:  # touched once: delete "test" from the results file to rescore
             self.results["test"] = self.test(final)
+        if "gate_labels" not in self.results:  # on validation: what stage II learns from (the gate's diagnosis)
+            valid = read_problems(self.data / "eval_chains.jsonl")
+            from pretrain.data.chains import depth_of
+
+            self.results["gate_labels"] = {
+                key: gate_labels([load(Path(r.overrides["train.output_dir"]) / "hf") for r in final[key]], valid,
+                                 [depth_of(p) for p, _ in valid]) for key in (f"{K}x{T}", "beta0", "stage2")}
         self.results["summary"] = headline(self.results)
         self.save()
 
@@ -195,6 +202,46 @@ class Suite:
         for key in (f"{K}x{T}", "beta0", "stage2"):  # the learned gates: q chosen on validation, then test
             out["gates"][key] = gate_front(models[key], valid, test, facts, depths)
         return out
+
+
+@torch.no_grad()
+def gate_labels(loaded, items, depths) -> dict:
+    """What stage II is taught at the answer: per problem depth, the mean over seeds and problems of
+    the first answer token's CE per pass, the stage-II target w_t = sigmoid(k (I_t - gamma)) for
+    t = 2..T (I_t: the CE improvement of pass t), and the gate's lambda_t (exit probability given
+    pass t is reached) at the prompt's last position."""
+    from looplm import left_pad
+
+    seqs, ats = [], []
+    for prompt, answer in items:
+        ids, head = tok_pair(loaded[0][1], prompt, answer)
+        seqs.append(ids)
+        ats.append(len(head) - 1)  # predicts the answer's first token
+    ids, mask = left_pad(seqs)
+    rows = torch.arange(len(seqs))
+    at = torch.tensor([ids.shape[1] - len(s) + a for s, a in zip(seqs, ats)])
+    target = ids[rows, at + 1]
+    ce, w, lam = [], [], []
+    for model, _ in loaded:
+        k, gamma = model.config.stage2_k, model.config.stage2_gamma
+        out = model(ids, attention_mask=mask, output_step_logits=True, use_cache=False)
+        step_ce = torch.stack([torch.nn.functional.cross_entropy(lg[rows, at].float(), target, reduction="none")
+                               for lg in out.step_logits], -1)  # (problems, T)
+        ce.append(step_ce)
+        w.append(torch.sigmoid(k * ((step_ce[:, :-1] - step_ce[:, 1:]).clamp_min(0) - gamma)))
+        lam.append(out.gate_probs[rows, at].float())
+    depth = torch.tensor(depths)
+    return {d: {name: torch.cat(v)[depth.repeat(len(loaded)) == d].mean(0).tolist() for name, v in
+                (("ce", ce), ("w", w), ("lambda", lam))} | {"n": int((depth == d).sum())}
+            for d in sorted(set(depths))}
+
+
+def tok_pair(tok, prompt: str, answer: str) -> tuple[list, list]:
+    """Token ids of the prompt with its answer, and of the prompt alone (checked to be a prefix)."""
+    ids, head = tok.encode(f"{prompt} {answer}"), tok.encode(prompt)
+    if ids[:len(head)] != head:
+        raise ValueError(f"{prompt!r}: the tokenizer does not split the prompt the same with its answer")
+    return ids, head
 
 
 def interpolate(fixed: list, passes: float) -> tuple[int, int, float]:

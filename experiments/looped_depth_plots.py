@@ -68,6 +68,17 @@ def report(results: dict) -> str:
             lines += ["", "Depth extrapolation (test accuracy at 1..2T passes, trained at T = 3):", ""]
             for key, rows in ex.items():
                 lines.append(f"* {NAMES.get(key, key)}: " + " ".join(f"{r['num_steps']}:{_pt(r['accuracy'])}" for r in rows))
+    labels = results.get("gate_labels")
+    if labels:
+        lines += ["", "At the answer's first token on validation, by problem depth (mean over seeds and problems): CE "
+                  "per pass, the stage-II target w_t (1 = continue; t = 2..T) and the gate's exit probability "
+                  "lambda_t:", "", "| model | depth | CE per pass | stage-II target w_2..w_T | gate lambda_1..lambda_T |",
+                  "|---|---|---|---|---|"]
+        for key, by_depth in labels.items():
+            for d, r in sorted(by_depth.items(), key=lambda kv: int(kv[0])):
+                lines.append(f"| {NAMES.get(key, key)} | {d} | " + " / ".join(f"{x:.2f}" for x in r["ce"]) + " | " +
+                             " / ".join(f"{x:.2f}" for x in r["w"]) + " | " +
+                             " / ".join(f"{x:.2f}" for x in r["lambda"]) + " |")
     return "\n".join(lines)
 
 

@@ -90,3 +90,31 @@ def test_fixed_depth_line_interpolates_between_neighbouring_depths():
     assert interpolate(fixed, 1.25) == (1, 2, 0.25)
     assert interpolate(fixed, 2.5) == (2, 3, 0.5)
     assert interpolate(fixed, 3.0) == (3, 3, 0.0)
+
+
+@torch.no_grad()
+def test_gate_labels_are_the_stage2_targets_at_the_answer_problem_by_problem(data):
+    from experiments.looped_depth import gate_labels
+    from pretrain.data.chains import depth_of
+
+    _, folder = data
+    tok = Tokenizer(folder / "tokenizer.model")
+    models = [(tiny_model(vocab_size=tok.vocab_size, total_ut_steps=3, seed=s), tok) for s in (0, 1)]
+    items = read_eval(folder / "eval_chains.jsonl")[:20]
+    depths = [depth_of(p) for p, _ in items]
+    got = gate_labels(models, items, depths)
+    want = {d: {"ce": [], "w": [], "lambda": []} for d in set(depths)}
+    for model, _ in models:
+        for (prompt, answer), d in zip(items, depths):  # one unpadded problem at a time, the formula of spec 2.3
+            ids = tok.encode(f"{prompt} {answer}")
+            at = len(tok.encode(prompt)) - 1
+            out = model(torch.tensor([ids]), output_step_logits=True, use_cache=False)
+            ce = [torch.nn.functional.cross_entropy(lg[0, at], torch.tensor(ids[at + 1])).item() for lg in out.step_logits]
+            want[d]["ce"].append(ce)
+            want[d]["w"].append([1 / (1 + torch.exp(torch.tensor(-50.0 * (max(a - b, 0) - 0.005))).item())
+                                 for a, b in zip(ce, ce[1:])])
+            want[d]["lambda"].append(out.gate_probs[0, at].tolist())
+    for d, rows in want.items():
+        for key, values in rows.items():
+            assert got[d][key] == pytest.approx(torch.tensor(values).mean(0).tolist(), abs=1e-5), (d, key)
+        assert got[d]["n"] == depths.count(d)
