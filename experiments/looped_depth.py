@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.ouro_synthetic import Run, curves, describe, load, thin, train_and_export
+from experiments.ouro_synthetic import Run, bracketed_lr, curves, describe, load, save_json, thin, train_and_export
 from experiments.ouro_synthetic import score_problems as score
 from experiments.stats import seed_problem_interval
 
@@ -131,17 +131,12 @@ class Suite:
 
     def select_lr(self, arch: str) -> float:
         """The LR with the best validation accuracy (seed 1), the grid extended while the best is at an edge."""
-        lrs = sorted(self.scale.lrs)
-        for extension in range(self.scale.max_extensions + 1):
-            scores = {lr: self.train(make_run(self.root, self.data, self.scale, arch, lr, 1))["valid_accuracy"]
-                      for lr in lrs}
-            best = max(lrs, key=lambda lr: scores[lr])
-            if len(lrs) == 1 or extension == self.scale.max_extensions or best not in (lrs[0], lrs[-1]):
-                break
-            lrs = sorted(lrs + [best / 2 if best == lrs[0] else best * 2])
-        self.results.setdefault("selection", {})[arch] = {"lr_grid": {f"{lr:g}": scores[lr] for lr in lrs},
-                                                          "best_lr": best, "bracketed": best not in (lrs[0], lrs[-1])}
-        return best
+        def score(lr):
+            return self.train(make_run(self.root, self.data, self.scale, arch, lr, 1))["valid_accuracy"]
+
+        choice = bracketed_lr(score, self.scale.lrs, self.scale.max_extensions)
+        self.results.setdefault("selection", {})[arch] = choice
+        return choice["best_lr"]
 
     def seeds(self, arch: str, lr: float, variant: str = "") -> list[Run]:
         runs = [make_run(self.root, self.data, self.scale, arch, lr, s, variant) for s in self.scale.seeds]
@@ -328,10 +323,7 @@ def main(argv=None):
         entry["curves"] = thin(entry["curves"])
 
     def save():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
+        save_json(path, results)
 
     Suite(scale, (args.root or REPO / "runs" / "experiments" / tag).resolve(), results, save).run()
     from experiments.looped_depth_plots import plot_all

@@ -125,6 +125,30 @@ def prepare_data(root: Path, scale: Scale) -> dict:
                                                **MULTIHOP)["data"].parent}
 
 
+def save_json(path: Path, obj) -> None:
+    """Write a results file atomically (a killed driver never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def bracketed_lr(score, lrs, max_extensions: int, lower_is_better: bool = False) -> dict:
+    """Grid search of a peak LR (`score(lr)`: a validation number of a trained run), the grid extended
+    by a halving or doubling while its best LR is at an edge, at most `max_extensions` times.
+    Returns {"lr_grid": {lr: score}, "best_lr", "bracketed"}."""
+    lrs = sorted(lrs)
+    pick = min if lower_is_better else max
+    for extension in range(max_extensions + 1):
+        scores = {lr: score(lr) for lr in lrs}
+        best = pick(lrs, key=lambda lr: scores[lr])
+        if len(lrs) == 1 or extension == max_extensions or best not in (lrs[0], lrs[-1]):
+            break
+        lrs = sorted(lrs + [best / 2 if best == lrs[0] else best * 2])
+    return {"lr_grid": {f"{lr:g}": scores[lr] for lr in lrs}, "best_lr": best,
+            "bracketed": best not in (lrs[0], lrs[-1])}
+
+
 def train_and_export(run: Run) -> Path:
     """The real commands; returns the exported folder (kept, so an interrupted suite reuses it)."""
     out = Path(run.overrides["train.output_dir"])
@@ -339,10 +363,7 @@ def main(argv=None):
     results["scale"] = {**scale.__dict__, "mano": MANO, "multihop": MULTIHOP, "K": K, "LOOPS": LOOPS}
 
     def save():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
+        save_json(path, results)
         from experiments.ouro_plots import plot_all
 
         plot_all(results, path.parent, tag)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.ouro_synthetic import Run, curves, describe, load, thin, train_and_export
+from experiments.ouro_synthetic import Run, bracketed_lr, curves, describe, load, save_json, thin, train_and_export
 from experiments.stats import seed_problem_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,17 +167,12 @@ class Suite:
 
     def select_lr(self, arch: str) -> float:
         """The LR with the lowest validation loss (seed 1), the grid extended while the best is at an edge."""
-        lrs = sorted(self.scale.lrs)
-        for extension in range(self.scale.max_extensions + 1):
-            scores = {lr: self.train(make_run(self.root, self.data, self.scale, arch, lr, 1))["valid_loss"]
-                      for lr in lrs}
-            best = min(lrs, key=lambda lr: scores[lr])
-            if len(lrs) == 1 or extension == self.scale.max_extensions or best not in (lrs[0], lrs[-1]):
-                break
-            lrs = sorted(lrs + [best / 2 if best == lrs[0] else best * 2])
-        self.results.setdefault("selection", {})[arch] = {"lr_grid": {f"{lr:g}": scores[lr] for lr in lrs},
-                                                          "best_lr": best, "bracketed": best not in (lrs[0], lrs[-1])}
-        return best
+        def score(lr):
+            return self.train(make_run(self.root, self.data, self.scale, arch, lr, 1))["valid_loss"]
+
+        choice = bracketed_lr(score, self.scale.lrs, self.scale.max_extensions, lower_is_better=True)
+        self.results.setdefault("selection", {})[arch] = choice
+        return choice["best_lr"]
 
     def run(self) -> None:
         best = {arch: self.select_lr(arch) for arch in ARCHS}
@@ -211,7 +206,7 @@ class Suite:
                                        for t in range(loops)],
                      "per_seed_last": [mean_loss(r["per_pass"][:, -1], r["count"]) for r in rows]}
             if loops > 1:
-                entry["gate"] = gate_front(models, valid, test)
+                entry["gate"] = gate_front(models, valid, test, test_fixed=rows)
                 entry["extrapolation"] = [
                     {"num_steps": n, "loss": sum(mean_loss(w["policy"], w["count"]) for w in
                                                  (window_losses(m, test, num_steps=n, exit_at_step=n - 1)
@@ -221,12 +216,13 @@ class Suite:
         return out
 
 
-def gate_front(models, valid, test) -> dict:
+def gate_front(models, valid, test, test_fixed=None) -> dict:
     """The exit threshold sweep: perplexity against mean passes on validation and test, next to the
-    fixed depths; the q keeping validation perplexity within 2% of full depth at the fewest passes."""
-    def sweep(items):
+    fixed depths; the q keeping validation perplexity within 2% of full depth at the fewest passes.
+    test_fixed: the models' `window_losses` on test, when already computed."""
+    def sweep(items, fixed=None):
         rows = {q: [window_losses(m, items, exit_threshold=q) for m in models] for q in QS}
-        fixed = [window_losses(m, items) for m in models]
+        fixed = fixed or [window_losses(m, items) for m in models]
         T_ = fixed[0]["per_pass"].shape[1]
         fixed_ppl = [math.exp(mean_loss(torch.stack([f["per_pass"][:, t] for f in fixed]),
                                         torch.stack([f["count"] for f in fixed]))) for t in range(T_)]
@@ -239,7 +235,7 @@ def gate_front(models, valid, test) -> dict:
     valid_front, valid_fixed = sweep(valid)
     within = [f for f in valid_front if f["ppl"] <= 1.02 * valid_fixed[-1]]
     chosen = min(within, key=lambda f: f["passes"])["q"] if within else None
-    test_front, test_fixed = sweep(test)
+    test_front, test_fixed = sweep(test, test_fixed)
     return {"valid": valid_front, "valid_fixed_ppl": valid_fixed, "test": test_front, "test_fixed_ppl": test_fixed,
             "q_within_2pct_on_valid": chosen}
 
@@ -317,10 +313,7 @@ def main(argv=None):
     results.update({"scale": scale.__dict__, "K": K, "T": T, "vocab": VOCAB})
 
     def save():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
+        save_json(path, results)
 
     Suite(scale, (args.root or REPO / "runs" / "experiments" / tag).resolve(), results, save, args.cache).run()
     print(report(results))

@@ -47,3 +47,27 @@ def test_seed_spread_widens_the_interval():
 def test_bad_shapes_are_named(a, b):
     with pytest.raises(ValueError, match="seeds|paired"):
         seed_problem_interval(a, b)
+
+
+@pytest.mark.parametrize("peak,lower", [(3e-4, False), (8e-3, True), (2e-3, False)])
+def test_lr_grid_is_extended_until_it_brackets_the_best(peak, lower):
+    import math
+
+    from experiments.ouro_synthetic import bracketed_lr
+
+    def score(lr):  # a smooth optimum in log-LR at `peak`
+        d = (math.log(lr) - math.log(peak)) ** 2
+        return d if lower else -d
+
+    got = bracketed_lr(score, (1e-3, 2e-3, 4e-3), max_extensions=3, lower_is_better=lower)
+    grid = sorted(float(k) for k in got["lr_grid"])
+    best = min(grid, key=lambda lr: abs(math.log(lr / peak)))
+    assert got["best_lr"] == pytest.approx(best) and got["bracketed"]
+    assert grid[0] < got["best_lr"] < grid[-1]
+
+
+def test_lr_grid_stops_after_its_extensions_and_says_so():
+    from experiments.ouro_synthetic import bracketed_lr
+
+    got = bracketed_lr(lambda lr: -lr, (1e-3, 2e-3), max_extensions=1)
+    assert got == {"lr_grid": {"0.0005": -5e-4, "0.001": -1e-3, "0.002": -2e-3}, "best_lr": 5e-4, "bracketed": False}
