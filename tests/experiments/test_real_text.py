@@ -5,7 +5,7 @@ model's own per-pass loss and exit-policy loss."""
 import pytest
 import torch
 
-from experiments.real_text import ARCHS, FULL, QUICK, K, T, make_run, mean_loss, window_losses, windows
+from experiments.real_text import ARCHS, FULL, OBJECTIVES, QUICK, K, T, make_run, mean_loss, window_losses, windows
 from helpers.models import tiny_model
 from helpers.training import REPO, flatten
 from looplm import LoopLMForCausalLM
@@ -44,6 +44,15 @@ def test_runs_differ_only_in_architecture_lr_and_seed(data, scale):
     assert {k for cfg in cfgs for k in cfgs[0] if cfg[k] != cfgs[0][k]} == varied
     assert len({c["train.output_dir"] for c in cfgs}) == len(cfgs)
     assert cfgs[0]["data.valid_blend"] == str(folder / "valid") and cfgs[0]["data.valid_fraction"] == 0
+    looped = f"{K}x{T}"
+    objs = {obj: flatten(config(make_run(root, folder, scale, looped, 1e-3, 1, obj)).to_dict()) for obj in OBJECTIVES}
+    for obj, cfg in objs.items():  # the candidate objectives differ from the paper's only in the loss terms
+        expected = {"ouro.objective": OBJECTIVES[obj][0] != "stage1", "ouro.beta_schedule": OBJECTIVES[obj][1] is not None}
+        assert {k for k in cfg if cfg[k] != objs["stage1"][k]} == \
+            ({k for k, v in expected.items() if v} | ({"train.output_dir"} if obj != "stage1" else set()))
+    stage2 = make_run(root, folder, scale, looped, 1e-3, 1, "last_pass", stage2=True)
+    assert stage2.overrides["model.init_from"] == str(root / "runs" / make_run(root, folder, scale, looped, 1e-3, 1).name / "hf")
+    assert config(stage2).ouro.objective == "stage2"
 
 
 def test_iso_parameter_and_iso_flop_twins(data):
@@ -74,3 +83,5 @@ def test_window_losses_are_the_models_own_losses(data):
         fixed = window_losses(model, items, batch=4, exit_at_step=t)
         torch.testing.assert_close(fixed["policy"], got["per_pass"][:, t])
         assert (fixed["passes"] == (t + 1) * fixed["count"]).all()
+    deeper = window_losses(model, items, batch=4, num_steps=5)  # extrapolation reads every depth from one forward
+    torch.testing.assert_close(deeper["per_pass"][:, :3], got["per_pass"])
