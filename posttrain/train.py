@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from looplm.objectives import IGNORE_INDEX, shift_labels
-from runtime import checkpoint
+from runtime import checkpoint, lock
 from runtime.config import ConfigError
 from runtime.distributed import init_distributed, rank_errors, shutdown_distributed
 from runtime.trainer import LoopState, TrainLoop
@@ -189,6 +189,7 @@ class PostTrainer(TrainLoop):
         import deepspeed
 
         self.rank, self.world = init_distributed()
+        lock.hold(cfg.train.output_dir)  # one job per output folder (runtime/lock.py)
         torch.manual_seed(cfg.train.seed)  # identical initial weaver on every rank
         self.cfg, self.system = cfg, System(cfg)
         t, system = cfg.train, self.system

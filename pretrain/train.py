@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from runtime import checkpoint
+from runtime import checkpoint, lock
 from runtime.config import ConfigError
 from runtime.distributed import init_distributed, is_rank0, rank_errors, shared_out, shutdown_distributed
 from runtime.trainer import LoopState, TrainLoop
@@ -192,6 +192,7 @@ class Trainer(TrainLoop):
 
     def __init__(self, cfg, rank: int, world: int, hooks: list[Hook] | None = None):
         validate(cfg, world)
+        lock.hold(cfg.train.output_dir)  # one job per output folder (runtime/lock.py)
         checkpoint.seed_globals(cfg.train.seed, rank)  # a resumed run restores them from its checkpoint
         self.cfg, self.rank, self.world = cfg, rank, world
         self.out_dir = Path(cfg.train.output_dir)

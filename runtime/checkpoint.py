@@ -13,6 +13,8 @@ missing, resized or changed file stops every rank with an error naming the check
 A `latest` that names an unusable checkpoint stops the run too: it never falls back silently.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -74,21 +76,53 @@ def save(output_dir, tag: str, step: int, state: dict, keep_last: int, write, be
     if rank == 0 and ckpt.exists():  # a leftover of an interrupted save of this step
         shutil.rmtree(ckpt)
     dist.barrier()
-    write(ckpt)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
+    with _disk_full_is_an_error(ckpt, step):
+        write(ckpt)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
     dist.barrier()  # every rank's files are on disk
     if before_commit is not None:
         before_commit()
-    write_manifest(ckpt)
-    if rank == 0:
-        _write_atomic(ckpt / STATE_FILE, json.dumps({**state, "step": step}, indent=2, sort_keys=True))
-        _write_atomic(root / "latest", tag)
+    with _disk_full_is_an_error(ckpt, step):
+        write_manifest(ckpt)
+        if rank == 0:
+            _write_atomic(ckpt / STATE_FILE, json.dumps({**state, "step": step}, indent=2, sort_keys=True))
+            _write_atomic(root / "latest", tag)
         complete = sorted((p for p in root.iterdir() if p.is_dir() and _step(p) >= 0 and is_complete(p)), key=_step)
         for old in complete[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return ckpt
+
+
+FULL_BELOW = 64 << 20  # bytes free after a failed write below which the disk counts as full
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(ckpt: Path, step: int):
+    """A save that fails on a full disk (ENOSPC, or torch's and DeepSpeed's own messages for it, with
+    the filesystem found nearly full) becomes one clear error: where, how much is free, that the
+    partial checkpoint was removed and which checkpoint a resume takes. Other failures pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        chain, e = [], err
+        while e is not None:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        root = ckpt.parent
+        usage = shutil.disk_usage(root if root.exists() else root.parent)
+        if not any(getattr(e, "errno", None) == errno.ENOSPC for e in chain) and usage.free >= FULL_BELOW:
+            raise
+        shutil.rmtree(ckpt, ignore_errors=True)  # the partial save (it was never committed)
+        latest = root / "latest"
+        resume = (f"`latest` still names {root / latest.read_text().strip()}, which a resume (train.resume=auto) "
+                  "takes" if latest.exists() else "no checkpoint of this run is committed yet")
+        raise CheckpointError(
+            f"no space left on the filesystem of {root} while saving checkpoint {ckpt.name} (step {step}): "
+            f"{usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0][:200]}). The partial checkpoint was removed; {resume}. Free space "
+            "(or lower train.keep_last, or set train.output_dir on a larger filesystem), then resume") from err
 
 
 def _step(path: Path) -> int:

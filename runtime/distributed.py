@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .lock import release as release_output_locks
 
 
 def init_distributed() -> tuple[int, int]:
@@ -83,6 +84,7 @@ def rank_errors(input_errors: tuple = (ConfigError,)):
             print(f"error{where}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             traceback.print_exc()
         sys.stderr.flush()
+        release_output_locks()  # os._exit skips atexit
         os._exit(1)  # no teardown: the process group may wait on the dead peer
 
 
