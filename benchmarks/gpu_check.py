@@ -60,8 +60,24 @@ def timed(fn, device, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+def reference_attention(q, k, v, positions):
+    """Naive attention in fp64, the independent reference: a token attends to the tokens of its own
+    document (a document starts where the position restarts at 0) up to itself; grouped KV heads
+    repeated. q (1, H, S, h), k/v (1, Hkv, S, h), positions (1, S) -> (1, S, H, h)."""
+    q, k, v = (x.double() for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    doc = (positions[0] == 0).cumsum(0)
+    i = torch.arange(q.shape[2], device=q.device)
+    allowed = (doc[:, None] == doc[None, :]) & (i[None, :] <= i[:, None])
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+    return (weights @ v).transpose(1, 2)
+
+
 def attention_rows(args, device, dtype) -> list[dict]:
-    """Packed documents in one row: each backend against SDPA, forward + backward."""
+    """Packed documents in one row: each backend, forward (+ backward on GPU), against the naive fp64
+    reference; outputs and gradients compared in fp64."""
     S, heads, kv_heads, head_dim = (256, 4, 2, 16) if args.tiny else (args.seq, 16, 16, 128)
     lengths = [S // 8] * 7 + [S - 7 * (S // 8)]
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
@@ -86,12 +102,14 @@ def attention_rows(args, device, dtype) -> list[dict]:
     backends = ["sdpa"] + (["flash"] if flash_attn_func is not None and device.type == "cuda" else []) + \
         (["flex"] if flex_attention is not None else [])
     results = {b: run(b) for b in backends}
-    _, (ref_out, ref_grads) = results["sdpa"]
+    ref_inputs = [x.detach().double().requires_grad_(backward) for x in (q, k, v)]
+    ref_out = reference_attention(*ref_inputs, positions)
+    ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out.double()) if backward else ()
     rows = []
     for b, (seconds, (out, grads)) in results.items():
-        grad_diff = max((float((g - r).abs().max()) for g, r in zip(grads, ref_grads)), default=None)
+        grad_diff = max((float((g.double() - r).abs().max()) for g, r in zip(grads, ref_grads)), default=None)
         rows.append({"section": "attention", "name": b, "ms_fwd_bwd" if backward else "ms_fwd": 1e3 * seconds,
-                     "max_abs_diff_out": float((out - ref_out).abs().max()), "max_abs_diff_grads": grad_diff})
+                     "max_abs_diff_out": float((out.double() - ref_out).abs().max()), "max_abs_diff_grads": grad_diff})
     return rows
 
 

@@ -32,11 +32,16 @@ def plot_all(results: dict, out_dir: Path, tag: str) -> None:
 
     fig, (pass_ax, curve_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (key, e) in enumerate(test["archs"].items()):
+        n_seeds = len(e["per_seed_last"])
+        if len(e["per_pass"]) == 1:  # a one-pass model: its loss as a level across the passes, its interval a band
+            pass_ax.axhline(e["per_pass"][0], color=f"C{i}", label=f"{key} ({n_seeds} seed{'s' if n_seeds > 1 else ''})")
+            pass_ax.axhspan(*e["per_pass_ci95"][0], color=f"C{i}", alpha=0.15)
+            continue
         xs = range(1, len(e["per_pass"]) + 1)
         pass_ax.errorbar(list(xs), e["per_pass"], marker="o", color=f"C{i}", capsize=3,
                          yerr=[[m - c[0] for m, c in zip(e["per_pass"], e["per_pass_ci95"])],
                                [c[1] - m for m, c in zip(e["per_pass"], e["per_pass_ci95"])]],
-                         label=f"{key} ({len(e['per_seed_last'])} seed{'s' if len(e['per_seed_last']) > 1 else ''})")
+                         label=f"{key} ({n_seeds} seed{'s' if n_seeds > 1 else ''})")
     _unigram(pass_ax, test)
     pass_ax.set(xlabel="pass", ylabel="test CE (nats/token)", xticks=range(1, results["T"] + 1),
                 title="test loss per pass (95% CI over seeds and windows)")

@@ -44,13 +44,34 @@ def test_ltpo_increases_a_toy_reward_on_average():
     assert sum(gains) / len(gains) > 0 and sum(g > 0 for g in gains) >= 15
 
 
-def test_ltpo_on_a_reasoner_leaves_its_weights_bit_identical():
+def test_ltpo_on_a_reasoner_returns_its_best_latents_scored_independently_and_leaves_weights_bit_identical():
     reasoner = tiny_reasoner("looplm")
     before = {k: v.clone() for k, v in reasoner.state_dict().items()}
-    embeds, mask = prompt_embeds(reasoner, [[5, 6, 7], [8, 9]])
-    result = optimize(torch.randn(2, 4, 64) * 0.1, confidence_reward(reasoner, embeds, mask),
-                      LTPOConfig(), generator=torch.Generator().manual_seed(0))
-    assert result.steps.tolist() == [10, 10] and (result.reward >= result.initial_reward).all()
+    prompts = [[5, 6, 7], [8, 9]]
+    embeds, mask = prompt_embeds(reasoner, prompts)
+    reward, scored = confidence_reward(reasoner, embeds, mask), []
+
+    def recording(h):
+        r = reward(h)
+        scored.append(r)
+        return r
+
+    start = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(1)) * 0.1
+    result = optimize(start, recording, LTPOConfig(), generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def independent(b, latents):  # row b alone, unpadded, through the model's embedding table; top-10 -log p in fp64
+        seq = torch.cat([reasoner.get_input_embeddings()(torch.tensor([prompts[b]])), latents[None]], 1)
+        logits = reasoner(inputs_embeds=seq, use_cache=False).logits[0, -latents.shape[0]:].double()
+        top = torch.log_softmax(logits, -1).sort(-1, descending=True).values[:, :10]
+        return -top.mean().item()
+
+    for b in range(2):
+        assert result.initial_reward[b].item() == pytest.approx(independent(b, start[b]), rel=1e-4)
+        assert result.reward[b].item() == pytest.approx(independent(b, result.latents[b]), rel=1e-4)
+        assert result.reward[b] == max(r[b] for r in scored)  # the best of every scored candidate is returned
+    assert result.steps.tolist() == [10, 10] and len(scored) == 1 + 2 * 10
+    assert (result.reward > result.initial_reward).any()  # the search found better latents than the start
     assert all(torch.equal(before[k], v) for k, v in reasoner.state_dict().items())
 
 

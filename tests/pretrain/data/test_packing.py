@@ -43,7 +43,12 @@ def test_later_epochs_reshuffle_and_stop_mode_ends(indexed):
     ds = PackedDataset(indexed, seq_len=16, seed=3)
     n = len(ds)
     assert not np.array_equal(ds._epoch(1)[0], ds._epoch(0)[0])
-    assert np.array_equal(ds[n + 2]["input_ids"], ds[n + 2]["input_ids"])  # deterministic
+    twin = PackedDataset(IndexedDataset(indexed.bin_path.with_suffix("")), seq_len=16, seed=3)  # built independently
+    for i in (0, n - 1, n + 2, 2 * n + 5):  # deterministic across instances and epochs
+        for key in ("input_ids", "labels", "position_ids"):
+            assert np.array_equal(ds[i][key], twin[i][key])
+    other = PackedDataset(indexed, seq_len=16, seed=4)
+    assert not all(np.array_equal(ds[i]["input_ids"], other[i]["input_ids"]) for i in range(n))  # the seed matters
     with pytest.raises(IndexError):
         PackedDataset(indexed, seq_len=16, seed=3, wrap=False)[n]
 
