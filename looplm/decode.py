@@ -84,7 +84,7 @@ class _Rows:
         config = model.config
         self.model, self.core, self.policy, self.eos, self.pad = model, model.model, policy, eos_token_id, pad_token_id
         self.T, self.max_new = config.total_ut_steps, max_new_tokens
-        self.kv = torch.zeros(2, config.num_hidden_layers, batch, config.num_key_value_heads, capacity,
+        self.kv = torch.zeros(2, config.num_hidden_layers, batch, model.model.kv_heads, capacity,
                               config.head_dim, dtype=dtype, device=device)
         # The columns each row attends to: its prompt but not its padding, its tokens so far, the current one.
         self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)

@@ -83,6 +83,12 @@ class LoopLMModel(LoopLMPreTrainedModel):
         self.layer_token_applications = 0
         self.post_init()
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads this module's attention computes: the config's, or this rank's share of
+        them once tensor parallelism split the projections (DeepSpeed's AutoTP updates `num_kv_heads`)."""
+        return self.layers[0].self_attn.num_kv_heads
+
     def get_input_embeddings(self):
         return self.embed_tokens
 
@@ -118,7 +124,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         # Copy-forward within a chunk needs the chunk's keys per pass: a scratch cache when none is kept.
         store = cache if cache is not None or not truncate else LoopCache(self.config.num_hidden_layers)
         if store is not None:
-            store.reserve(T, B, S, self.config.num_key_value_heads, self.config.head_dim, h.dtype, h.device)
+            store.reserve(T, B, S, self.kv_heads, self.config.head_dim, h.dtype, h.device)
 
         hiddens, gates = [], []
         exited = None  # (B, S) tokens whose exit pass is behind us
