@@ -285,7 +285,10 @@ class PostTrainer(TrainLoop):
 def run(cfg: PostConfig) -> System:
     """Train as configured; returns the trained system (for tests and experiments)."""
     trainer = PostTrainer(cfg)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        lock.release(cfg.train.output_dir)
     return trainer.system
 
 

@@ -37,10 +37,22 @@ def load(engine, ckpt: Path, universal: bool) -> None:
     ckpt = Path(ckpt)
     verify(ckpt)
     folder = universal_folder(ckpt) if universal else ckpt
+    groups = engine.optimizer.param_groups if engine.optimizer is not None else []
+    hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
+    if universal:  # DeepSpeed's ZeRO-3 universal load (0.19) gives every param group the first group's
+        # hyperparameters (weight decay on norms and biases) and one shared Adam `step` tensor, which each
+        # group's update then advances (two groups: the step counts twice per step, the bias correction
+        # drifts): restore each group's own hyperparameters and give each state its own step.
+        for group, h in zip(groups, hyper):
+            group.update(h)
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng.exists():  # absent for ranks that did not exist in the saving run
         set_rng_state(torch.load(rng, weights_only=False))

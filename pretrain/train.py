@@ -262,7 +262,10 @@ class Trainer(TrainLoop):
     def train(self):
         """Run to train.max_steps (or exit_at_step, preemption, exhausted data); returns the engine."""
         self.engine.train()
-        super().train()
+        try:
+            super().train()
+        finally:
+            lock.release(self.out_dir)
         return self.engine
 
     def finish(self) -> None:

@@ -29,6 +29,8 @@ def runs(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     shm_before = set(os.listdir("/dev/shm"))
     run_in_process(reference_overrides(corpus, root / "single", 2))
+    for z in (1, 3):  # the one-rank starts of the other stages' world-size resumes
+        run_in_process(reference_overrides(corpus, root / f"single{z}", z))
     spec = root / "runs.json"
     spec.write_text(json.dumps([reference_overrides(corpus, root / f"zero{z}", z) for z in range(4)]))
     cmd = deepspeed_cmd(2) + ["tests/helpers/multi_run.py", "--config", "configs/smoke.yaml", "--runs", str(spec)]
@@ -125,25 +127,28 @@ def _check_continuation(resumed_dir, reference_dir):
     assert sorted(records) == list(range(SAVE_AT + 1, STEPS + 1))
     assert records[SAVE_AT + 1]["consumed_samples"] == (SAVE_AT + 1) * 8  # the data position carried over
     reference = step_losses(reference_dir)
-    for step, record in records.items():
-        assert record["loss"] == pytest.approx(reference[step], rel=1e-4), step
+    for step, record in records.items():  # the tolerance 1 vs 2 ranks from scratch meet
+        assert record["loss"] == pytest.approx(reference[step], rel=2e-5), step
 
 
-def test_resume_two_ranks_on_one(runs, tmp_path):
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_resume_two_ranks_on_one(runs, tmp_path, zero):
+    """Through DeepSpeed's universal checkpoint; at ZeRO-3 its load shared one Adam step counter
+    between the param groups (fixed in pretrain/checkpoint.py): losses drifted from the second step."""
     dst = tmp_path / "two_to_one"
-    _resume_from(runs / "zero2", dst, SAVE_AT)
-    run_in_process([o if not o.startswith("train.output_dir=") else f"train.output_dir={dst}"
-                    for o in reference_overrides(runs.parent, dst, 2) if not o.startswith("data.default_corpus_dir")]
-                   + [f"data.default_corpus_dir={_corpus_of(runs)}"])
+    _resume_from(runs / f"zero{zero}", dst, SAVE_AT)
+    run_in_process(reference_overrides(_corpus_of(runs), dst, zero))
     assert (dst / "checkpoints" / f"global_step{SAVE_AT}_universal").is_dir()
-    _check_continuation(dst, runs / "zero2")
+    _check_continuation(dst, runs / f"zero{zero}")
 
 
-def test_resume_one_rank_on_two(runs, tmp_path):
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_resume_one_rank_on_two(runs, tmp_path, zero):
     dst = tmp_path / "one_to_two"
-    _resume_from(runs / "single", dst, SAVE_AT)
-    launch(2, reference_overrides(_corpus_of(runs), dst, 2))
-    _check_continuation(dst, runs / "single")
+    single = runs / ("single" if zero == 2 else f"single{zero}")
+    _resume_from(single, dst, SAVE_AT)
+    launch(2, reference_overrides(_corpus_of(runs), dst, zero))
+    _check_continuation(dst, single)
 
 
 def _corpus_of(runs):
