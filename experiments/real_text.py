@@ -62,7 +62,7 @@ class Scale:
         return self.lrs[len(self.lrs) // 2]
 
 
-FULL = Scale(steps=300, lrs=(1e-3, 2e-3, 4e-3), seeds=(1, 2, 3), max_extensions=1, stage2_steps=60,
+FULL = Scale(steps=300, lrs=(1e-3, 2e-3, 4e-3), seeds=(1, 2, 3), max_extensions=3, stage2_steps=60,
              valid_windows=256, test_windows=512)
 QUICK = Scale(steps=150, lrs=(2e-3,), seeds=(1,), max_extensions=0, stage2_steps=30, valid_windows=64,
               test_windows=64)
