@@ -43,6 +43,28 @@ def test_seed_spread_widens_the_interval():
             > seed_problem_interval(same)["ci95"][1] - seed_problem_interval(same)["ci95"][0])
 
 
+def test_clustered_problems_count_as_their_clusters():
+    """30 copies of each of 10 problems: the cluster bootstrap gives the interval of the 10 problems
+    scored once each (the same resampling law), the naive one an interval about sqrt(30) too narrow."""
+    g = torch.Generator().manual_seed(2)
+    values = (torch.rand(1, 10, generator=g) < 0.5).double()
+    copies = values.repeat_interleave(30, 1)
+    clusters = [i // 30 for i in range(300)]
+    clustered = seed_problem_interval(copies, clusters=clusters, resamples=20000)
+    once = seed_problem_interval(values, resamples=20000)
+    naive = seed_problem_interval(copies, resamples=20000)
+    width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
+    assert clustered["mean"] == pytest.approx(values.mean().item()) and clustered["n_clusters"] == 10
+    assert width(clustered) == pytest.approx(width(once), rel=0.15)
+    assert width(naive) < width(clustered) / 3
+    # singleton clusters are the plain problem bootstrap in law: the same width within resampling noise
+    x = (torch.rand(2, 200, generator=g) < 0.6).double()
+    assert width(seed_problem_interval(x, clusters=list(range(200)), resamples=20000)) == pytest.approx(
+        width(seed_problem_interval(x, resamples=20000)), rel=0.1)
+    with pytest.raises(ValueError, match="one id per problem"):
+        seed_problem_interval(x, clusters=[0, 1])
+
+
 @pytest.mark.parametrize("a,b", [([[1, 0]], [[1, 0, 1]]), ([1, 0, 1], None), ([[]], None)])
 def test_bad_shapes_are_named(a, b):
     with pytest.raises(ValueError, match="seeds|paired"):
