@@ -10,8 +10,9 @@ extraction, evaluation and delimiters serve both. Difficulty is the number of st
 
 `prepare_word_problems` writes the pretraining corpus (train.jsonl: "Question: ...\nAnswer: ..."
 documents, a sentencepiece tokenizer that keeps newlines, indexed files) and GSM8K-format
-gsm_train.jsonl / gsm_test.jsonl ({"question", "answer"}) for post-training and `posttrain.evaluate`.
-Test problems never share a solution with a training problem (`held_out`; tested).
+gsm_train.jsonl / gsm_test.jsonl (and gsm_valid.jsonl when validation problems are asked for;
+{"question", "answer"}) for post-training and `posttrain.evaluate`. Held-out problems never share a
+solution with a training problem (`split_of`; tested).
 
     python -m pretrain.data word-problems --output data/word_problems
 """
@@ -68,29 +69,40 @@ def document(question: str, answer: str) -> str:
     return f"Question: {question}\nAnswer: {answer}"
 
 
-def held_out(answer: str, share: int = 10) -> bool:
-    """The split of the problem space: a solution (its chain of numbers and operators) is a test
-    solution when its CRC-32 falls in 1/share of the range. Test problems therefore never share a
-    solution with a training problem, not only their wording, at every number of steps."""
-    return zlib.crc32(answer.encode()) % share == 0
+def split_of(answer: str, share: int = 10) -> str:
+    """The split of the problem space: a solution (its chain of numbers and operators) belongs to the
+    test split when its CRC-32 falls in one 1/share of the range, to the validation split in another,
+    else to training. Held-out problems therefore never share a solution with a training problem, not
+    only their wording, at every number of steps."""
+    r = zlib.crc32(answer.encode()) % share
+    return "test" if r == 0 else "valid" if r == 1 else "train"
 
 
-def word_problem_corpus(seed: int = 0, train: int = 20000, test: int = 500, max_steps: int = 4):
-    """(training problems, held-out test problems) as (question, answer) pairs, steps ~ U{1..max_steps};
-    the two sides of `held_out`, test questions distinct."""
+def word_problem_corpus(seed: int = 0, train: int = 20000, test: int = 500, max_steps: int = 4, valid: int = 0,
+                        one_per_solution: bool = False) -> dict:
+    """{"train", "valid", "test": [(question, answer)]}, steps ~ U{1..max_steps}; held-out questions
+    distinct, and with `one_per_solution` no two held-out problems share a solution (independent
+    units for the intervals). Without validation problems (valid=0) the validation side of
+    `split_of` goes to training."""
     rng = random.Random(seed)
-    train_items, test_items, asked = [], [], set()
-    for _ in range(1000 * (train + test)):
-        if len(train_items) == train and len(test_items) == test:
-            return train_items, test_items
+    quota = {"train": train, "valid": valid, "test": test}
+    items, asked, solutions = {k: [] for k in quota}, set(), set()
+    for _ in range(1000 * (train + valid + test)):
+        if all(len(items[k]) == n for k, n in quota.items()):
+            return items
         q, a, _ = word_problem(rng, rng.randint(1, max_steps))
-        if not held_out(a):
-            if len(train_items) < train:
-                train_items.append((q, a))
-        elif len(test_items) < test and q not in asked:
+        side = split_of(a)
+        side = "train" if side == "valid" and not valid else side
+        if side == "train":
+            if len(items["train"]) < train:
+                items["train"].append((q, a))
+        elif len(items[side]) < quota[side] and q not in asked and not (one_per_solution and a in solutions):
             asked.add(q)
-            test_items.append((q, a))
-    raise ValueError(f"could not draw {test} distinct test problems with up to {max_steps} steps; ask for fewer")
+            solutions.add(a)
+            items[side].append((q, a))
+    raise ValueError(f"could not draw {valid} validation and {test} test problems"
+                     f"{' with distinct solutions' if one_per_solution else ''} with up to {max_steps} steps; "
+                     "ask for fewer or allow more steps")
 
 
 def prepare_word_problems(out_dir: str | Path, seed: int = 0, vocab_size: int = 256, **kwargs) -> dict:
@@ -99,13 +111,15 @@ def prepare_word_problems(out_dir: str | Path, seed: int = 0, vocab_size: int = 
     from .synthetic import bound_arguments, prepare_corpus
 
     def write(out: Path) -> dict:
-        train_items, test_items = word_problem_corpus(seed, **kwargs)
-        files = {"train": out / "train.jsonl", "gsm_train": out / "gsm_train.jsonl", "gsm_test": out / "gsm_test.jsonl"}
+        splits = word_problem_corpus(seed, **kwargs)
+        files = {"train": out / "train.jsonl"}
         with open(files["train"], "w") as f:
-            f.writelines(json.dumps({"text": document(q, a)}) + "\n" for q, a in train_items)
-        for name, items in (("gsm_train", train_items), ("gsm_test", test_items)):
-            with open(files[name], "w") as f:
-                f.writelines(json.dumps({"question": q, "answer": a}) + "\n" for q, a in items)
+            f.writelines(json.dumps({"text": document(q, a)}) + "\n" for q, a in splits["train"])
+        for split, items in splits.items():
+            if items or split != "valid":
+                files[f"gsm_{split}"] = out / f"gsm_{split}.jsonl"
+                with open(files[f"gsm_{split}"], "w") as f:
+                    f.writelines(json.dumps({"question": q, "answer": a}) + "\n" for q, a in items)
         return files
 
     recipe = {"task": "word_problems", "version": VERSION, "vocab_size": vocab_size,
@@ -120,8 +134,11 @@ def main(argv=None):
     p = corpus_parser(__doc__)
     p.add_argument("--train", type=int, default=20000, help="training problems")
     p.add_argument("--test", type=int, default=500, help="held-out test problems")
+    p.add_argument("--valid", type=int, default=0, help="held-out validation problems (gsm_valid.jsonl)")
+    p.add_argument("--one-per-solution", action="store_true", help="no two held-out problems share a solution")
     p.add_argument("--max-steps", type=int, default=4, help="solution steps are drawn from 1..max-steps")
     args = p.parse_args(argv)
     for name, path in prepare_word_problems(args.output, args.seed, args.vocab_size, train=args.train,
-                                            test=args.test, max_steps=args.max_steps).items():
+                                            test=args.test, max_steps=args.max_steps, valid=args.valid,
+                                            one_per_solution=args.one_per_solution).items():
         print(f"{name}: {path}")

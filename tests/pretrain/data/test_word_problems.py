@@ -11,7 +11,7 @@ import pytest
 
 from posttrain.data import is_correct, load_problems
 from pretrain.data import IndexedDataset, Tokenizer
-from pretrain.data.word_problems import MAX_VALUE, prepare_word_problems, word_problem, word_problem_corpus
+from pretrain.data.word_problems import MAX_VALUE, prepare_word_problems, split_of, word_problem, word_problem_corpus
 
 VERBS = {"buys": "+", "finds": "+", "gets": "+", "gives": "-", "loses": "-", "sells": "-", "ends": "*"}
 
@@ -70,4 +70,22 @@ def test_test_problems_never_occur_in_training_and_files_are_gsm8k_format(tmp_pa
     assert prepare_word_problems(tmp_path, seed=3, vocab_size=160, train=3000, test=200, max_steps=3) == files
     assert files["gsm_test"].stat().st_mtime_ns == before
     prepare_word_problems(tmp_path, seed=4, vocab_size=160, train=3000, test=200, max_steps=3)
-    assert word_problem_corpus(4, 3000, 200, 3)[1][0][0] in files["gsm_test"].read_text()
+    assert word_problem_corpus(4, 3000, 200, 3)["test"][0][0] in files["gsm_test"].read_text()
+
+
+def test_three_splits_are_disjoint_by_solution_deterministic_and_one_per_solution():
+    splits = word_problem_corpus(5, train=2000, test=300, max_steps=4, valid=200, one_per_solution=True)
+    assert splits == word_problem_corpus(5, train=2000, test=300, max_steps=4, valid=200, one_per_solution=True)
+    solutions = {k: [a for _, a in v] for k, v in splits.items()}
+    assert [len(v) for v in solutions.values()] == [2000, 200, 300]
+    for split, answers in solutions.items():  # each side of the CRC split holds only its own solutions
+        assert {split_of(a) for a in answers} == {split}
+    assert not set(solutions["train"]) & (set(solutions["valid"]) | set(solutions["test"]))
+    assert not set(solutions["valid"]) & set(solutions["test"])
+    for split in ("valid", "test"):  # deduplicated: one problem per solution
+        assert len(set(solutions[split])) == len(solutions[split])
+    # without validation problems the validation side trains, and the test split is what it always was
+    old = word_problem_corpus(5, train=2000, test=300, max_steps=4)
+    assert old["valid"] == [] and {split_of(a) for _, a in old["train"]} == {"train", "valid"}
+    with pytest.raises(ValueError, match="distinct solutions"):
+        word_problem_corpus(5, train=10, test=200, max_steps=1, one_per_solution=True)
