@@ -113,6 +113,9 @@ class PostConfig:
             raise ConfigError("config key train.joint_head trains the head on GRPO rollouts: set train.mode=grpo")
         if self.weaver.num_latents < 1 or self.augment.max_insertions < 0:
             raise ConfigError("config keys weaver.num_latents (>= 1) and augment.max_insertions (>= 0)")
+        if self.weaver.latents not in ("woven", "pause"):
+            raise ConfigError(f"config key weaver.latents: {self.weaver.latents!r}; use woven (the weaver) or pause "
+                              "(learned pause tokens in place of the latents)")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PostConfig:

@@ -7,7 +7,8 @@ set for prompt augmentation, one for inference augmentation) are appended, a LoR
 causal LM (the weaver LM; by default a copy of the reasoner) encodes the whole sequence, and its
 last hidden states at the query positions are mapped back by Linear(d_w -> d_r).
 
-Trainable: LoRA, queries, LayerNorms, scales, both projections. Saved alone (safetensors) with a
+Trainable: LoRA, queries, LayerNorms, scales, both projections. `latents: pause` replaces the woven
+latents by the mapped queries alone (context-independent learned pause tokens, the weaver's control). Saved alone (safetensors) with a
 small JSON naming the reasoner (weaver.json: the WeaverConfig less init_from; the same dataclass is
 the `weaver:` section of the post-training config).
 """
@@ -37,6 +38,9 @@ class WeaverConfig:
     reasoner: str = ""  # path of the reasoner the weaver was trained for (training sets it: reasoner.path)
     reasoner_hidden_size: int = 0  # set by Weaver from the reasoner
     init_from: str | None = None  # a saved weaver folder to start from (the config's; not saved in weaver.json)
+    # "woven": latents from the context (the weaver); "pause": the learned queries alone, the same at every
+    # insertion whatever the context (learned pause tokens: the control that differs only in the latents)
+    latents: str = "woven"
 
 
 class Weaver(nn.Module):
@@ -59,11 +63,16 @@ class Weaver(nn.Module):
         dtype = base.get_input_embeddings().weight.dtype
         for module in (self.proj_in, self.proj_out, self.norms):
             module.to(dtype)
+        if config.latents == "pause":  # nothing reads the context: the LM and its input map stay untrained
+            self.lm.requires_grad_(False)
+            self.proj_in.requires_grad_(False)
 
     def forward(self, context: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
         """context (B, S, d_r) reasoner input embeddings, mask (B, S) 1 = real -> latents (B, K, d_r)."""
         B, K = context.shape[0], self.config.num_latents
         queries = self.scales[kind] * self.norms[kind](self.queries[kind]).to(context.dtype)
+        if self.config.latents == "pause":
+            return self.proj_out(queries).expand(B, K, -1)
         seq = torch.cat([self.proj_in(context), queries.expand(B, K, -1)], 1)
         full_mask = torch.cat([mask, mask.new_ones(B, K)], 1)
         out = forward_embeds(self.lm, seq, full_mask, output_hidden_states=True)

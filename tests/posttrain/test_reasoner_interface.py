@@ -47,7 +47,7 @@ def test_saved_weaver_json_keeps_its_format(tmp_path):
     Weaver(reasoner, WeaverConfig(num_latents=2, lora_r=2, init_from="elsewhere")).save(tmp_path / "w")
     saved = json.loads((tmp_path / "w" / "weaver.json").read_text())
     assert set(saved) == {"num_latents", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "reasoner",
-                          "reasoner_hidden_size"}
+                          "reasoner_hidden_size", "latents"}
     assert load_weaver(reasoner, tmp_path / "w").config.num_latents == 2
 
 

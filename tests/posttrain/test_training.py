@@ -23,6 +23,26 @@ def config(reasoner_dir, out, **extra):
     return load_config(REPO_CONFIG, [f"{k}={v}" for k, v in values.items()])
 
 
+def test_the_pause_control_trains_through_the_same_run_with_context_free_latents(reasoner_dir, tmp_path):
+    """`weaver.latents=pause` (issue 28's control): the same command and config but that key; the
+    run trains the pause latents and leaves the weaver LM's LoRA at its initial values."""
+    from dataclasses import asdict
+
+    from helpers.training import flatten
+    from posttrain.train import System
+
+    woven = flatten(asdict(config(reasoner_dir, tmp_path / "p")))
+    cfg = config(reasoner_dir, tmp_path / "p", **{"weaver.latents": "pause"})
+    pause = flatten(asdict(cfg))
+    assert {k for k in pause if pause[k] != woven[k]} == {"weaver.latents"}
+    torch.manual_seed(cfg.train.seed)
+    initial = System(cfg).weaver.state_dict()
+    system = run(cfg)
+    after = system.weaver.state_dict()
+    changed = {k.split(".")[0] for k in after if not torch.equal(after[k], initial[k])}
+    assert "proj_out" in changed and changed <= {"proj_out", "queries", "norms", "scales"}  # never the LM or proj_in
+
+
 def test_sft_trains_the_weaver_and_never_the_reasoner(reasoner_dir, tmp_path):
     from posttrain.train import System, sft_loss
 
@@ -147,6 +167,8 @@ def test_learned_trigger_trains_alone(reasoner_dir, tmp_path):
 def test_bad_inputs_are_named(reasoner_dir, tmp_path):
     with pytest.raises(ConfigError, match="reasoner.path"):
         load_config(REPO_CONFIG, ["reasoner.path="])
+    with pytest.raises(ConfigError, match="weaver.latents: 'paused'; use woven"):
+        load_config(REPO_CONFIG, [f"reasoner.path={reasoner_dir}", "weaver.latents=paused"])
     with pytest.raises(ReasonerError, match="no config.json"):
         run(config(tmp_path, tmp_path / "x"))
     run(config(reasoner_dir, tmp_path / "r", **{"train.max_steps": 1}))

@@ -81,3 +81,29 @@ def test_save_load_round_trip_and_bad_checkpoints(tmp_path):
         load_reasoner(tmp_path / "missing")
     with pytest.raises(ReasonerError, match="not a saved weaver"):
         load_weaver(reasoner, tmp_path)
+
+
+def test_pause_latents_are_the_mapped_queries_whatever_the_context(tmp_path):
+    """The control of issue 28: the same module and insertions, latents that do not read the context."""
+    reasoner = tiny_reasoner("looplm")
+    torch.manual_seed(0)
+    pause = Weaver(reasoner, WeaverConfig(num_latents=3, latents="pause"))
+    a, b = torch.randn(2, 5, 64), torch.randn(1, 9, 64)
+    out_a = pause(a, torch.ones(2, 5, dtype=torch.long), "inference")
+    out_b = pause(b, torch.ones(1, 9, dtype=torch.long), "inference")
+    with torch.no_grad():  # independently: LayerNorm by hand, scaled, through the output map
+        q = pause.queries["inference"]
+        normed = (q - q.mean(-1, keepdim=True)) / (q.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        normed = normed * pause.norms["inference"].weight + pause.norms["inference"].bias
+        expected = pause.proj_out(pause.scales["inference"] * normed)
+    torch.testing.assert_close(out_a, expected.expand(2, 3, -1))
+    torch.testing.assert_close(out_b[0], expected)
+    trainable = {n.split(".")[0] for n, p in pause.named_parameters() if p.requires_grad}
+    assert trainable == {"proj_out", "queries", "norms", "scales"}  # the LM and the input map are not used
+    woven = Weaver(reasoner, WeaverConfig(num_latents=3))
+    assert not torch.allclose(woven(a, torch.ones(2, 5, dtype=torch.long), "inference")[0],
+                              woven(a, torch.ones(2, 5, dtype=torch.long), "inference")[1])  # woven ones do read it
+    pause.save(tmp_path / "pause")
+    again = load_weaver(reasoner, tmp_path / "pause")
+    assert again.config.latents == "pause"
+    torch.testing.assert_close(again(b, torch.ones(1, 9, dtype=torch.long), "inference"), out_b)
