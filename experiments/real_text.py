@@ -251,7 +251,7 @@ class Suite:
                      "per_pass_ci95": [seed_problem_interval([[w[t] for w in pw] for pw in per_window])["ci95"]
                                        for t in range(loops)],
                      "per_seed_last": [mean_loss(r["per_pass"][:, -1], r["count"]) for r in rows]}
-            if loops > 1:
+            if arch == f"{K}x{T}":  # the chosen looped model (the other objectives' rows: loss per pass only)
                 entry["gate"] = gate_front(models, valid, test, test_fixed=rows)
                 deep = [window_losses(m, test, num_steps=2 * loops) for m in models]  # every depth from one forward
                 entry["extrapolation"] = [{"num_steps": n, "loss": sum(mean_loss(w["per_pass"][:, n - 1], w["count"])
