@@ -189,7 +189,6 @@ class PostTrainer(TrainLoop):
         import deepspeed
 
         self.rank, self.world = init_distributed()
-        lock.hold(cfg.train.output_dir)  # one job per output folder (runtime/lock.py)
         torch.manual_seed(cfg.train.seed)  # identical initial weaver on every rank
         self.cfg, self.system = cfg, System(cfg)
         t, system = cfg.train, self.system
@@ -284,11 +283,10 @@ class PostTrainer(TrainLoop):
 
 def run(cfg: PostConfig) -> System:
     """Train as configured; returns the trained system (for tests and experiments)."""
-    trainer = PostTrainer(cfg)
-    try:
+    init_distributed()
+    with lock.held(cfg.train.output_dir):  # the output folder is this job's alone while it runs
+        trainer = PostTrainer(cfg)
         trainer.train()
-    finally:
-        lock.release(cfg.train.output_dir)
     return trainer.system
 
 

@@ -192,7 +192,6 @@ class Trainer(TrainLoop):
 
     def __init__(self, cfg, rank: int, world: int, hooks: list[Hook] | None = None):
         validate(cfg, world)
-        lock.hold(cfg.train.output_dir)  # one job per output folder (runtime/lock.py)
         checkpoint.seed_globals(cfg.train.seed, rank)  # a resumed run restores them from its checkpoint
         self.cfg, self.rank, self.world = cfg, rank, world
         self.out_dir = Path(cfg.train.output_dir)
@@ -262,10 +261,7 @@ class Trainer(TrainLoop):
     def train(self):
         """Run to train.max_steps (or exit_at_step, preemption, exhausted data); returns the engine."""
         self.engine.train()
-        try:
-            super().train()
-        finally:
-            lock.release(self.out_dir)
+        super().train()
         return self.engine
 
     def finish(self) -> None:
@@ -401,8 +397,11 @@ class Trainer(TrainLoop):
 
 
 def run(cfg, rank: int, world: int, hooks: list[Hook] | None = None):
-    """Train according to `cfg`; returns the engine (for tests and tools)."""
-    return Trainer(cfg, rank, world, hooks).train()
+    """Train according to `cfg`; returns the engine (for tests and tools). The output folder is this
+    job's alone while it runs (runtime/lock.py)."""
+    validate(cfg, world)
+    with lock.held(cfg.train.output_dir):
+        return Trainer(cfg, rank, world, hooks).train()
 
 
 def _memory_per_rank(optimizer, device, module) -> list[dict]:

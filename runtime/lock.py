@@ -15,6 +15,7 @@ and `rank_errors`' hard exit); only SIGKILL or a dead node leave it behind. A jo
 """
 
 import atexit
+import contextlib
 import fcntl
 import json
 import os
@@ -138,6 +139,17 @@ def _exit_cleanly_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
+
+
+@contextlib.contextmanager
+def held(output_dir):
+    """Collective: the output folder's lock for the duration of the block (`hold`, then `release` on
+    every way out of the block, errors included)."""
+    hold(output_dir)
+    try:
+        yield
+    finally:
+        release(output_dir)
 
 
 def hold(output_dir) -> None:

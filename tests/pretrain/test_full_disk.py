@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers.training import REPO, base_overrides
+from helpers.training import REPO, base_overrides, free_port
 
 SHELL = ('mkdir -p "$OUT" && mount -t tmpfs -o size=2500k tmpfs "$OUT" && "$@"; echo "rc=$?"; '
          'ls "$OUT/checkpoints"; echo "latest=$(cat "$OUT/checkpoints/latest")"')
@@ -27,7 +27,7 @@ def test_a_save_on_a_full_disk_stops_with_the_cause_and_keeps_the_last_checkpoin
     cmd = ["unshare", "-rm", "sh", "-c", SHELL, "sh", sys.executable, "-m", "pretrain.train", "--config",
            "configs/smoke.yaml", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())})
     assert "rc=2" in proc.stdout, proc.stderr[-3000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(error) == 1, proc.stderr[-3000:]

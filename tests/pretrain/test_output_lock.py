@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers.training import REPO, base_overrides, metrics
+from helpers.training import REPO, base_overrides, free_port, metrics
 from runtime import lock
 from runtime.lock import LOCK_FILE, OutputLockError
 
@@ -68,18 +68,19 @@ def test_the_lock_goes_away_on_every_exit_path(tmp_path, ending):
 
 def test_a_second_job_on_a_live_jobs_folder_stops_at_once(corpus, tmp_path):
     out = tmp_path / "run"
-    args = ["--config", "configs/smoke.yaml", *base_overrides(corpus, out, **{"train.max_steps": 40})]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--config", "configs/smoke.yaml", *base_overrides(corpus, out, **{"train.max_steps": 60})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     first = subprocess.Popen([sys.executable, "-m", "pretrain.train", *args], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not metrics(out) and time.time() < deadline:  # the first job is training
+        deadline = time.time() + 600
+        while not metrics(out) and first.poll() is None and time.time() < deadline:  # the first job is training
             time.sleep(0.2)
-        assert metrics(out), "the first job did not start"
+        assert metrics(out) and first.poll() is None, "the first job did not start: " + first.stderr.read()[-2000:]
         config_before = (out / "config.yaml").read_bytes()
         start = time.time()
-        second = subprocess.run([sys.executable, "-m", "pretrain.train", *args], cwd=REPO, env=env,
+        second = subprocess.run([sys.executable, "-m", "pretrain.train", *args], cwd=REPO,
+                                env={**env, "MASTER_PORT": str(free_port())},
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 2
         assert f"train.output_dir {out} is in use by another job" in second.stderr
@@ -90,6 +91,6 @@ def test_a_second_job_on_a_live_jobs_folder_stops_at_once(corpus, tmp_path):
         first.kill()
     assert first.returncode == 0, stderr[-2000:]
     steps = [r["step"] for r in metrics(out) if "loss" in r]
-    assert steps == list(range(1, 41))  # one job's records, each step once
+    assert steps == list(range(1, 61))  # one job's records, each step once
     assert (out / "config.yaml").read_bytes() == config_before
     assert not (out / LOCK_FILE).exists()
