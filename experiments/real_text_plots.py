@@ -43,6 +43,8 @@ def plot_all(results: dict, out_dir: Path, tag: str) -> None:
                                [c[1] - m for m, c in zip(e["per_pass"], e["per_pass_ci95"])]],
                          label=f"{key} ({n_seeds} seed{'s' if n_seeds > 1 else ''})")
     _unigram(pass_ax, test)
+    low = min(min(e["per_pass"]) for e in test["archs"].values())
+    pass_ax.set(ylim=(low - 0.05, test["unigram_entropy"] + 0.3))  # a last-pass-only model's pass 1 is off the chart
     pass_ax.set(xlabel="pass", ylabel="test CE (nats/token)", xticks=range(1, results["T"] + 1),
                 title="test loss per pass (95% CI over seeds and windows)")
     pass_ax.legend(fontsize=7)
@@ -70,7 +72,7 @@ def plot_all(results: dict, out_dir: Path, tag: str) -> None:
         ex_ax.plot([r["num_steps"] for r in e["extrapolation"]], [r["loss"] for r in e["extrapolation"]], marker="o",
                    color=f"C{i}", label=key)
     for i, (key, e) in enumerate(test["archs"].items()):
-        if "gate" not in e:
+        if "gate" not in e and len(e["per_pass"]) == 1:
             front_ax.axhline(math.exp(e["per_pass"][-1]), color=f"C{i}", lw=1, label=f"{key}")
     front_ax.set(xlabel="mean passes per token", ylabel="test perplexity",
                  title="exit gate vs fixed depth (dotted: 2% above full depth)")
