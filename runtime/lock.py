@@ -143,18 +143,9 @@ def _exit_cleanly_on_sigterm() -> None:
 
 @contextlib.contextmanager
 def held(output_dir):
-    """Collective: the output folder's lock for the duration of the block (`hold`, then `release` on
-    every way out of the block, errors included)."""
-    hold(output_dir)
-    try:
-        yield
-    finally:
-        release(output_dir)
-
-
-def hold(output_dir) -> None:
-    """Collective: rank 0 takes the output folder's lock; when it cannot, every rank stops with its
-    error (printed once)."""
+    """Collective: rank 0 holds the output folder's lock for the duration of the block and gives it up
+    on every way out of it, errors included; when it cannot take it, every rank stops with its error
+    (printed once)."""
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -169,3 +160,7 @@ def hold(output_dir) -> None:
         err = OutputLockError(error)
         err.on_every_rank = True
         raise err
+    try:
+        yield
+    finally:
+        release(output_dir)
