@@ -56,6 +56,7 @@ class Scale:
     stage2_steps: int
     valid_windows: int | None  # windows of the validation split scored (None: all)
     test_windows: int | None  # windows of the test split scored (None: all)
+    horizon: int = 0  # the training-length check: the 2-layer models' seed 1 trained this many times longer
 
     @property
     def objective_lr(self) -> float:
@@ -63,7 +64,7 @@ class Scale:
 
 
 FULL = Scale(steps=300, lrs=(1e-3, 2e-3, 4e-3), seeds=(1, 2, 3), max_extensions=3, stage2_steps=60,
-             valid_windows=256, test_windows=512)
+             valid_windows=256, test_windows=512, horizon=3)
 QUICK = Scale(steps=150, lrs=(2e-3,), seeds=(1,), max_extensions=0, stage2_steps=30, valid_windows=64,
               test_windows=64)
 # The looped model's candidate objectives (ouro.objective, beta schedule or None for the paper's 0.1 then
@@ -73,19 +74,22 @@ OBJECTIVES = {"stage1": ("stage1", None), "stage1_beta1": ("stage1", "[[0, 1.0]]
 
 
 def make_run(root: Path, data: Path, scale: Scale, arch: str, lr: float, seed: int, objective: str = "last_pass",
-             stage2: bool = False) -> Run:
+             stage2: bool = False, longer: int = 1) -> Run:
     """One training run. Runs differ only in the architecture, LR and seed, and the looped model's
-    objective (tested). stage2: the exit gate of the finished run trained alone, the LM frozen."""
+    objective (tested). stage2: the exit gate of the finished run trained alone, the LM frozen.
+    longer: the schedule (steps, warmup, evaluations, beta switch) stretched by this factor."""
     layers, loops = ARCHS[arch]
+    steps = scale.steps * longer
     objective = objective if loops > 1 else "last_pass"
     loss, beta = OBJECTIVES[objective]
     overrides = {"data.blend": str(data / "train"), "data.valid_blend": str(data / "valid"),
-                 "data.tokenizer": str(data / "tokenizer.model"), "train.max_steps": scale.steps,
-                 "train.eval_every": max(scale.steps // 10, 1), "optim.warmup_steps": max(scale.steps // 10, 1),
-                 "ouro.beta_schedule": beta or f"[[0, 0.1], [{scale.steps // 2}, 0.05]]",
+                 "data.tokenizer": str(data / "tokenizer.model"), "train.max_steps": steps,
+                 "train.eval_every": max(steps // 10, 1), "optim.warmup_steps": max(steps // 10, 1),
+                 "ouro.beta_schedule": beta or f"[[0, 0.1], [{steps // 2}, 0.05]]",
                  "model.overrides.num_hidden_layers": layers, "model.overrides.total_ut_steps": loops,
                  "ouro.objective": loss, "optim.lr": lr, "train.seed": seed}
     name = f"{arch}_{objective}_lr{lr:g}_s{seed}" if loops > 1 else f"{arch}_lr{lr:g}_s{seed}"
+    name += f"_steps{steps}" if longer > 1 else ""
     if stage2:
         overrides.update({"model.init_from": str(root / "runs" / name / "hf"), "ouro.objective": "stage2",
                           "train.max_steps": scale.stage2_steps, "optim.warmup_steps": 5,
@@ -231,6 +235,24 @@ class Suite:
             self.results["test"] = self.test(final)
             self.results["summary"] = headline(self.results["test"])
         self.save()
+        if self.scale.horizon > 1:
+            self.horizon(best, objective)
+
+    def horizon(self, best: dict, objective: str) -> None:
+        """Would longer training change the order? The looped model and its iso-parameter twin (seed 1,
+        their chosen LR) trained `scale.horizon` times longer, on validation only: the test numbers stay
+        those of the protocol fixed beforehand."""
+        rows = {}
+        for arch in (f"{K}x1", f"{K}x{T}"):
+            run = make_run(self.root, self.data, self.scale, arch, best[arch], 1, objective, longer=self.scale.horizon)
+            entry = self.train(run)
+            rows[arch] = {"run": run.name, "steps": run.overrides["train.max_steps"],
+                          "valid_loss_per_pass": entry["valid_loss_per_pass"],
+                          "short_run_valid_loss_per_pass": self.runs[
+                              make_run(self.root, self.data, self.scale, arch, best[arch], 1, objective).name][
+                              "valid_loss_per_pass"]}
+        self.results["horizon"] = rows
+        self.save()
 
     def test(self, final: dict) -> dict:
         """Every test-split number, from the exported final models (the only use of the test split)."""
@@ -352,6 +374,10 @@ def report(results: dict) -> str:
                           " ".join(f"q{f['q']}:{f['ppl']:.2f}@{f['passes']:.2f}" for f in g["test"])]
                 lines += ["", f"{arch} depth extrapolation (test CE at 1..{2 * T} passes): " +
                           " ".join(f"{r['num_steps']}:{r['loss']:.3f}" for r in e["extrapolation"])]
+    for arch, h in results.get("horizon", {}).items():
+        lines.append(f"* {arch} trained {h['steps']} steps (validation CE per pass): " +
+                     " ".join(f"{x:.4f}" for x in h["valid_loss_per_pass"]) + "; at the protocol's length: " +
+                     " ".join(f"{x:.4f}" for x in h["short_run_valid_loss_per_pass"]))
     return "\n".join(lines)
 
 

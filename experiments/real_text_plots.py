@@ -15,12 +15,14 @@ def _unigram(ax, test, ppl=False):
 
 
 def _chosen_runs(results, arch):
-    """The final runs of `arch` (every seed at its chosen LR, the chosen objective, no stage II)."""
+    """The final runs of `arch` (every seed at its chosen LR, the chosen objective, no stage II, the
+    protocol's length)."""
     sel = results["selection"]
     lr = sel[arch]["best_lr"]
     objective = sel["looped_objective"]["chosen"]
     return [r for r in results["runs"].values() if r["arch"] == arch and r["lr"] == lr
-            and r["objective"] == (objective if r["loops"] > 1 else "last_pass")]
+            and r["objective"] == (objective if r["loops"] > 1 else "last_pass")
+            and r["overrides"]["train.max_steps"] == results["scale"]["steps"]]  # not the horizon check's
 
 
 def plot_all(results: dict, out_dir: Path, tag: str) -> None:

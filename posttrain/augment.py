@@ -19,6 +19,7 @@ from looplm.objectives import IGNORE_INDEX, shift_labels
 
 from .data import ANSWER_PATTERN, is_correct
 from .reasoner import embed, forward_embeds, last_hidden, prompt_embeds
+from .weaver import decoding
 
 
 @dataclass
@@ -59,8 +60,9 @@ def generate(reasoner, weaver, prompts: list[list[int]], augment: AugmentConfig,
              temperature: float = 1.0, generator: torch.Generator | None = None,
              prompt_latents: torch.Tensor | None = None) -> Generation:
     """Decode B prompts (left-padded) with latents inserted as `augment` and `trigger` say.
-    weaver=None decodes the plain reasoner. prompt_latents (B, K, d) replaces the weaver's prompt
-    latents (test-time optimisation)."""
+    weaver=None decodes the plain reasoner; a control weaver decodes with its LoRA'd LM (`decoding`).
+    prompt_latents (B, K, d) replaces the weaver's prompt latents (test-time optimisation)."""
+    reasoner, weaver = decoding(reasoner, weaver)
     embeds, mask = prompt_embeds(reasoner, prompts, pad_id)
     B, device = len(prompts), embeds.device
     if prompt_latents is not None or (weaver is not None and augment.prompt_augment):
@@ -122,7 +124,10 @@ def splice(reasoner, weaver, prompt: list[int], answer: list[int], insert_after:
            prompt_latents: torch.Tensor | None = None):
     """Teacher-forced input of one example: (embeds (S, d), labels (S,)). Latents are placed after the
     prompt (prompt augmentation) and after answer token indices `insert_after`, each produced by the
-    weaver from everything before it, earlier latents included."""
+    weaver from everything before it, earlier latents included (`generate`'s models: `decoding`; without
+    a weaver nothing is inserted)."""
+    reasoner, weaver = decoding(reasoner, weaver)
+    insert_after = insert_after if weaver is not None else []
     device = reasoner.get_input_embeddings().weight.device
     pieces, labels = [embed(reasoner, torch.tensor(prompt, device=device))], [torch.full((len(prompt),), IGNORE_INDEX)]
 

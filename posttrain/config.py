@@ -113,9 +113,12 @@ class PostConfig:
             raise ConfigError("config key train.joint_head trains the head on GRPO rollouts: set train.mode=grpo")
         if self.weaver.num_latents < 1 or self.augment.max_insertions < 0:
             raise ConfigError("config keys weaver.num_latents (>= 1) and augment.max_insertions (>= 0)")
-        if self.weaver.latents not in ("woven", "pause"):
-            raise ConfigError(f"config key weaver.latents: {self.weaver.latents!r}; use woven (the weaver) or pause "
-                              "(learned pause tokens in place of the latents)")
+        if self.weaver.latents not in ("woven", "pause", "none"):
+            raise ConfigError(f"config key weaver.latents: {self.weaver.latents!r}; use woven (the weaver), or for "
+                              "the LoRA SFT controls pause (pause tokens in place of the latents) or none")
+        if self.weaver.latents != "woven" and self.train.mode != "sft":
+            raise ConfigError(f"config key weaver.latents={self.weaver.latents} (a LoRA SFT control) trains with "
+                              "train.mode=sft only; GRPO and the trigger build on a woven weaver")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PostConfig:

@@ -80,6 +80,12 @@ def table_rows(weaver=None, grpo_weaver=None, trigger=None, head=None, joint_hea
     trained with it."""
     M, final = max_insertions, grpo_weaver or weaver
     rows = [Row("vanilla", "Vanilla")]
+    if weaver is not None and weaver.config.latents != "woven":  # a LoRA SFT control: decoded as trained
+        if any(part is not None for part in (grpo_weaver, trigger, head, joint_head)):
+            raise ReasonerError(f"the weaver is a LoRA SFT control (latents: {weaver.config.latents}); it has only "
+                                "its own row: give it without --grpo-weaver, --trigger, --head or --joint-head")
+        inserted = "pause tokens" if weaver.config.latents == "pause" else "nothing inserted"
+        return rows + [Row("weaver", f"LoRA SFT control ({inserted})", weaver, max_insertions=M)]
     if weaver is not None:
         rows += [Row("weaver_prompt", "+ Weaver (prompt augmentation)", weaver),
                  Row("weaver", f"+ Weaver (prompt + inference augmentation, <= {M})", weaver, max_insertions=M)]

@@ -32,7 +32,7 @@ from .data import ProblemError, load_problems
 from .grpo import group_advantages, grpo_loss
 from .reasoner import ReasonerError, freeze, hidden_size, load_reasoner, load_tokenizer
 from .trigger import FixedTrigger, build_trigger
-from .weaver import Weaver
+from .weaver import Weaver, decoding
 
 
 class System:
@@ -81,14 +81,15 @@ class System:
 
 
 def sft_loss(system: System, problems) -> torch.Tensor:
-    """Mean CE of the reference solutions with latents inserted (gradients reach the weaver only)."""
+    """Mean CE of the reference solutions with latents inserted (gradients reach the weaver only; for
+    the controls, the LoRA of the copy that decodes)."""
     examples = []
     for problem in problems:
         prompt, answer = system.encode(problem)
         examples.append(splice(system.reasoner, system.weaver, prompt, answer, system.teacher_insertions(answer),
                                system.augment))
     embeds, labels, mask = batch_splices(examples)
-    logp = token_log_probs(system.reasoner, embeds, labels, mask)
+    logp = token_log_probs(decoding(system.reasoner, system.weaver)[0], embeds, labels, mask)
     n = (shift_labels(labels) != IGNORE_INDEX).sum()
     return -logp.sum() / n
 

@@ -7,10 +7,14 @@ set for prompt augmentation, one for inference augmentation) are appended, a LoR
 causal LM (the weaver LM; by default a copy of the reasoner) encodes the whole sequence, and its
 last hidden states at the query positions are mapped back by Linear(d_w -> d_r).
 
-Trainable: LoRA, queries, LayerNorms, scales, both projections. `latents: pause` replaces the woven
-latents by the mapped queries alone (context-independent learned pause tokens, the weaver's control). Saved alone (safetensors) with a
+Trainable: LoRA, queries, LayerNorms, scales, both projections. Saved alone (safetensors) with a
 small JSON naming the reasoner (weaver.json: the WeaverConfig less init_from; the same dataclass is
 the `weaver:` section of the post-training config).
+
+The controls (`latents`, experiments/posttrain_word.py): the same module, LoRA and training, but the
+LoRA-adapted copy decodes in place of the frozen reasoner (plain LoRA SFT of the reasoner), with
+nothing inserted (`none`) or with learned pause tokens at the latents' places (`pause`: the mapped
+queries alone, the same whatever the context). `decoding` gives the model that decodes and what inserts.
 """
 
 import copy
@@ -38,8 +42,8 @@ class WeaverConfig:
     reasoner: str = ""  # path of the reasoner the weaver was trained for (training sets it: reasoner.path)
     reasoner_hidden_size: int = 0  # set by Weaver from the reasoner
     init_from: str | None = None  # a saved weaver folder to start from (the config's; not saved in weaver.json)
-    # "woven": latents from the context (the weaver); "pause": the learned queries alone, the same at every
-    # insertion whatever the context (learned pause tokens: the control that differs only in the latents)
+    # "woven": the weaver's latents, the reasoner frozen; the controls, where the LoRA-adapted copy decodes:
+    # "pause" (learned pause tokens inserted where the latents would be) and "none" (nothing inserted)
     latents: str = "woven"
 
 
@@ -63,9 +67,11 @@ class Weaver(nn.Module):
         dtype = base.get_input_embeddings().weight.dtype
         for module in (self.proj_in, self.proj_out, self.norms):
             module.to(dtype)
-        if config.latents == "pause":  # nothing reads the context: the LM and its input map stay untrained
-            self.lm.requires_grad_(False)
+        if config.latents != "woven":  # the LoRA'd LM decodes; no context is mapped into it
             self.proj_in.requires_grad_(False)
+        if config.latents == "none":  # nothing is inserted: the LoRA alone trains
+            for module in (self.proj_out, self.queries, self.norms, self.scales):
+                module.requires_grad_(False)
 
     def forward(self, context: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
         """context (B, S, d_r) reasoner input embeddings, mask (B, S) 1 = real -> latents (B, K, d_r)."""
@@ -104,6 +110,14 @@ class Weaver(nn.Module):
             raise ReasonerError(f"weaver {folder} does not match this weaver's modules (other LoRA or latent "
                                 "settings?); use the weaver.json it was saved with")
         self.load_state_dict(weights, strict=False)
+
+
+def decoding(reasoner, weaver):
+    """(the model that decodes, the module that inserts latents or None): the frozen reasoner and the
+    weaver; for the controls the weaver's LoRA-adapted LM, with the pause tokens or nothing."""
+    if weaver is None or weaver.config.latents == "woven":
+        return reasoner, weaver
+    return weaver.lm, (weaver if weaver.config.latents == "pause" else None)
 
 
 def load_weaver(reasoner, folder: str | Path) -> Weaver:

@@ -50,6 +50,13 @@ def test_runs_differ_only_in_architecture_lr_and_seed(data, scale):
         expected = {"ouro.objective": OBJECTIVES[obj][0] != "stage1", "ouro.beta_schedule": OBJECTIVES[obj][1] is not None}
         assert {k for k in cfg if cfg[k] != objs["stage1"][k]} == \
             ({k for k, v in expected.items() if v} | ({"train.output_dir"} if obj != "stage1" else set()))
+    short, long = (flatten(config(make_run(root, folder, scale, looped, 1e-3, 1, "stage1", longer=n)).to_dict())
+                   for n in (1, 3))  # the horizon check: the same run, its schedule stretched
+    assert {k for k in long if long[k] != short[k]} == {"train.max_steps", "train.eval_every", "optim.warmup_steps",
+                                                          "ouro.beta_schedule", "train.output_dir"}
+    assert long["train.max_steps"] == 3 * short["train.max_steps"]
+    assert long["optim.warmup_steps"] == 3 * short["optim.warmup_steps"]
+    assert long["ouro.beta_schedule"][1][0] == 3 * short["ouro.beta_schedule"][1][0]
     stage2 = make_run(root, folder, scale, looped, 1e-3, 1, "last_pass", stage2=True)
     assert stage2.overrides["model.init_from"] == str(root / "runs" / make_run(root, folder, scale, looped, 1e-3, 1).name / "hf")
     assert config(stage2).ouro.objective == "stage2"

@@ -23,24 +23,29 @@ def config(reasoner_dir, out, **extra):
     return load_config(REPO_CONFIG, [f"{k}={v}" for k, v in values.items()])
 
 
-def test_the_pause_control_trains_through_the_same_run_with_context_free_latents(reasoner_dir, tmp_path):
-    """`weaver.latents=pause` (issue 28's control): the same command and config but that key; the
-    run trains the pause latents and leaves the weaver LM's LoRA at its initial values."""
+@pytest.mark.parametrize("latents", ["pause", "none"])
+def test_the_lora_sft_controls_train_through_the_same_run(reasoner_dir, tmp_path, latents):
+    """`weaver.latents=pause|none` (issue 28's controls): the same command and config but that key; the
+    run trains the LoRA (and the pause tokens), never the input map, and the reasoner stays frozen."""
     from dataclasses import asdict
 
     from helpers.training import flatten
     from posttrain.train import System
 
     woven = flatten(asdict(config(reasoner_dir, tmp_path / "p")))
-    cfg = config(reasoner_dir, tmp_path / "p", **{"weaver.latents": "pause"})
-    pause = flatten(asdict(cfg))
-    assert {k for k in pause if pause[k] != woven[k]} == {"weaver.latents"}
+    cfg = config(reasoner_dir, tmp_path / "p", **{"weaver.latents": latents})
+    control = flatten(asdict(cfg))
+    assert {k for k in control if control[k] != woven[k]} == {"weaver.latents"}
     torch.manual_seed(cfg.train.seed)
-    initial = System(cfg).weaver.state_dict()
+    start = System(cfg)
+    initial, reasoner = start.weaver.state_dict(), start.reasoner.state_dict()
     system = run(cfg)
     after = system.weaver.state_dict()
     changed = {k.split(".")[0] for k in after if not torch.equal(after[k], initial[k])}
-    assert "proj_out" in changed and changed <= {"proj_out", "queries", "norms", "scales"}  # never the LM or proj_in
+    assert changed == ({"lm"} if latents == "none" else {"lm", "proj_out", "queries", "norms", "scales"})
+    assert all(torch.equal(v, system.reasoner.state_dict()[k]) for k, v in reasoner.items())
+    with pytest.raises(ConfigError, match="train.mode=sft only"):
+        config(reasoner_dir, tmp_path / "g", **{"weaver.latents": latents, "train.mode": "grpo"})
 
 
 def test_sft_trains_the_weaver_and_never_the_reasoner(reasoner_dir, tmp_path):

@@ -99,7 +99,7 @@ def test_pause_latents_are_the_mapped_queries_whatever_the_context(tmp_path):
     torch.testing.assert_close(out_a, expected.expand(2, 3, -1))
     torch.testing.assert_close(out_b[0], expected)
     trainable = {n.split(".")[0] for n, p in pause.named_parameters() if p.requires_grad}
-    assert trainable == {"proj_out", "queries", "norms", "scales"}  # the LM and the input map are not used
+    assert trainable == {"lm", "proj_out", "queries", "norms", "scales"}  # the LoRA decodes; no input map
     woven = Weaver(reasoner, WeaverConfig(num_latents=3))
     assert not torch.allclose(woven(a, torch.ones(2, 5, dtype=torch.long), "inference")[0],
                               woven(a, torch.ones(2, 5, dtype=torch.long), "inference")[1])  # woven ones do read it
@@ -107,3 +107,42 @@ def test_pause_latents_are_the_mapped_queries_whatever_the_context(tmp_path):
     again = load_weaver(reasoner, tmp_path / "pause")
     assert again.config.latents == "pause"
     torch.testing.assert_close(again(b, torch.ones(1, 9, dtype=torch.long), "inference"), out_b)
+
+
+class _Inserting(torch.nn.Module):
+    """Another module's latents, inserted into whatever decoder `generate` is given (a woven weaver's role)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.config = module, WeaverConfig(num_latents=module.config.num_latents)
+
+    def forward(self, context, mask, kind):
+        return self.module(context, mask, kind)
+
+
+@pytest.mark.parametrize("latents", ["none", "pause"])
+def test_the_lora_sft_controls_decode_with_the_lora_adapted_copy(latents):
+    """The controls of issue 28: what decodes is the reasoner with the control's LoRA folded in (merged
+    independently by peft), with nothing inserted (none) or the pause tokens at the delimiters (pause);
+    the frozen reasoner itself is not what decodes."""
+    import copy
+
+    reasoner = tiny_reasoner("looplm")
+    torch.manual_seed(0)
+    control = Weaver(reasoner, WeaverConfig(num_latents=3, latents=latents))
+    with torch.no_grad():  # a trained LoRA: B away from its zero initialisation
+        for name, param in control.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    merged = copy.deepcopy(control.lm).merge_and_unload()
+    prompts, augment = [[5, 6, 7, 8], [9, 10]], AugmentConfig(max_insertions=2)
+    got = generate(reasoner, control, prompts, augment, FixedTrigger("always"), DELIMS, 10, eos_id=None)
+    expected = generate(merged, None if latents == "none" else _Inserting(control), prompts, augment,
+                        FixedTrigger("always"), DELIMS, 10, eos_id=None)
+    assert got.tokens == expected.tokens and got.insertions == expected.insertions
+    torch.testing.assert_close(torch.stack(got.step_logits), torch.stack(expected.step_logits), atol=1e-4, rtol=1e-4)  # merged: rounding
+    assert (latents == "pause") == any(got.insertions)
+    plain = generate(reasoner, None, prompts, augment, FixedTrigger("always"), DELIMS, 10, eos_id=None)
+    assert not torch.allclose(plain.step_logits[0], got.step_logits[0])
+    embeds, labels = splice(reasoner, control, [5, 6], [7, 8, 9], [0], augment)
+    assert embeds.shape[0] == (5 if latents == "none" else 5 + 2 * 3)  # prompt and inference latents, or none
