@@ -14,6 +14,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
     return (adv / (groups.std(1, keepdim=True) + eps) if scale else adv).flatten()
 
 
+def mixed_groups(rewards: torch.Tensor, group_size: int) -> float:
+    """The fraction of groups whose rewards differ: the only ones with a nonzero advantage (a group
+    whose answers are all right or all wrong teaches GRPO nothing)."""
+    groups = rewards.view(-1, group_size)
+    return (groups != groups[:, :1]).any(1).float().mean().item()
+
+
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               clip_eps: float = 0.2, kl_beta: float = 0.0, logp_ref: torch.Tensor | None = None) -> torch.Tensor:
     """Token-level clipped surrogate, summed over all completion tokens of the batch and divided by

@@ -29,7 +29,7 @@ from .augment import (Completions, batch_splices, delimiter_ids, score_completio
 from .config import PostConfig, load_config
 from .correctness import CorrectnessHead, auroc, head_inputs, load_head
 from .data import ProblemError, load_problems
-from .grpo import group_advantages, grpo_loss
+from .grpo import group_advantages, grpo_loss, mixed_groups
 from .reasoner import ReasonerError, freeze, hidden_size, load_reasoner, load_tokenizer
 from .trigger import FixedTrigger, build_trigger
 from .weaver import Weaver, decoding
@@ -113,6 +113,11 @@ def grpo_step_loss(system: System, problems, stats: dict) -> torch.Tensor:
                                      system.augment)
             logp_ref = token_log_probs(system.reasoner, *ref)
     stats["reward"] = rewards.mean().item()
+    # the signal GRPO has: a group whose answers are all right or all wrong has zero advantages
+    stats["mixed_groups"] = mixed_groups(rewards, t.group_size)
+    if logp_ref is not None:  # k3 estimate of KL(policy || start), per completion token
+        diff = (logp_ref - logp.detach())[token_mask]
+        stats["kl"] = (torch.exp(diff) - diff - 1).mean().item()
     system.last_rollout = ((embeds.detach(), labels, mask), rewards)
     return grpo_loss(logp, logp.detach(), adv, token_mask, t.clip_eps, t.kl_beta, logp_ref)
 

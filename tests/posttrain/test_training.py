@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posttrain.data import ProblemError, load_problems
-from posttrain.grpo import group_advantages, grpo_loss
+from posttrain.grpo import group_advantages, grpo_loss, mixed_groups
 from posttrain.reasoner import ReasonerError
 from posttrain.train import run
 from posttrain.config import load_config
@@ -96,6 +96,10 @@ def test_grpo_advantage_and_loss_match_a_hand_computation():
     kl = (torch.exp(ref - logp) - (ref - logp) - 1)
     with_kl = grpo_loss(logp, old, a, mask, 0.2, kl_beta=0.1, logp_ref=ref)
     torch.testing.assert_close(with_kl, torch.tensor(total / n) + 0.1 * (kl * mask).sum() / 5)
+    # the groups GRPO learns from: those whose answers differ (group 1 mixed, group 2 mixed, group 3 all right)
+    assert mixed_groups(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]), 4) == 1.0
+    assert mixed_groups(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]), 2) == pytest.approx(1 / 3)
+
 
 
 @pytest.mark.parametrize("mode,kl", [("sft", 0.0), ("grpo", 0.0), ("grpo", 0.1)])
@@ -106,6 +110,11 @@ def test_resume_is_exact(reasoner_dir, tmp_path, mode, kl):
     resumed = run(config(reasoner_dir, tmp_path / "split", **{**extra, "train.max_steps": 4}))
     a, b = straight.weaver.trainable_state_dict(), resumed.weaver.trainable_state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").open()]
+    if mode == "grpo":  # GRPO's diagnostics: the share of groups with a signal (2 groups of 2 per step), the KL
+        assert all(r["mixed_groups"] in (0.0, 0.5, 1.0) for r in records)
+        assert all(("kl" in r) == bool(kl) for r in records)
+        assert records[0].get("kl", 0.0) == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
     saved = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
     assert saved == ["latest", "step_2", "step_4"]
     files = {p.name for p in (tmp_path / "split" / "checkpoints" / "step_4").iterdir()}
