@@ -101,3 +101,20 @@ def plot_all(results: dict, out_dir: Path, tag: str) -> None:
                title=f"looped objective at LR {obj['lr']:g}, seed 1 (chosen: {obj['chosen']})")
     obj_ax.legend(fontsize=7)
     _save(fig, out_dir / f"{tag}_training.png")
+
+    horizon = results.get("horizon")
+    if horizon:  # the training-length check: seed 1 at the protocol's length and trained longer
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for i, arch in enumerate(archs):
+            if arch not in horizon:
+                continue
+            long = results["runs"][horizon[arch]["run"]]["curves"]
+            short = next(r for r in _chosen_runs(results, arch) if r["seed"] == 1)["curves"]
+            for c, style, steps in ((short, "-", results["scale"]["steps"]), (long, "--", horizon[arch]["steps"])):
+                ax.plot(c["valid_step"], [v[-1] for v in c["valid_loss_per_pass"]], ls=style, color=f"C{i}",
+                        label=f"{arch}, {steps} steps")
+        _unigram(ax, test)
+        ax.set(xlabel="training step", ylabel="validation CE, last pass (seed 1)",
+               ylim=(None, test["unigram_entropy"] + 0.5), title="longer training (validation only)")
+        ax.legend(fontsize=7)
+        _save(fig, out_dir / f"{tag}_horizon.png")
