@@ -14,9 +14,12 @@ configs/experiments/real_text.yaml OVERRIDES` (2 CPU ranks) and `python -m pretr
    validation loss and final exit distribution (why stage I's deeper passes fall behind).
 2. LR per architecture on the validation works (seed 1; last pass), the grid extended while its
    best LR is at an edge.
-3. Seeds 2.. at each architecture's best LR; when the last-pass objective is chosen, the exit gate
-   of each looped seed is trained afterwards with stage II (gate only, the LM frozen).
-4. The test works, once, at the end: loss per pass and per model (token-weighted means; intervals
+3. The training length on validation: seed 1 of each architecture at its best LR trained `longer`
+   times as long; the longer length is taken when it is lower for every architecture.
+4. Seeds 1.. at each architecture's best LR and the chosen length; when the last-pass objective is
+   chosen, the exit gate of each looped seed is trained afterwards with stage II (gate only, the LM
+   frozen).
+5. The test works, once per protocol, at the end: loss per pass and per model (token-weighted means; intervals
    over seeds and windows of the split, paired where models share windows), the gate's threshold
    sweep (perplexity against mean passes, next to the fixed depths; q read off on validation),
    depth extrapolation to 2T passes, and greedy samples at 1, 2 and T passes.
@@ -56,7 +59,7 @@ class Scale:
     stage2_steps: int
     valid_windows: int | None  # windows of the validation split scored (None: all)
     test_windows: int | None  # windows of the test split scored (None: all)
-    horizon: int = 0  # the training-length check: the 2-layer models' seed 1 trained this many times longer
+    longer: int = 1  # the training-length candidate: `steps` x this, chosen on validation (seed 1 of every model)
 
     @property
     def objective_lr(self) -> float:
@@ -64,7 +67,7 @@ class Scale:
 
 
 FULL = Scale(steps=300, lrs=(1e-3, 2e-3, 4e-3), seeds=(1, 2, 3), max_extensions=3, stage2_steps=60,
-             valid_windows=256, test_windows=512, horizon=3)
+             valid_windows=256, test_windows=512, longer=3)
 QUICK = Scale(steps=150, lrs=(2e-3,), seeds=(1,), max_extensions=0, stage2_steps=30, valid_windows=64,
               test_windows=64)
 # The looped model's candidate objectives (ouro.objective, beta schedule or None for the paper's 0.1 then
@@ -218,12 +221,13 @@ class Suite:
     def run(self) -> None:
         objective = self.choose_objective()
         best = {arch: self.select_lr(arch, objective) for arch in ARCHS}
-        final = {arch: [make_run(self.root, self.data, self.scale, arch, lr, s, objective) for s in self.scale.seeds]
-                 for arch, lr in best.items()}
+        longer = self.choose_length(best, objective)
+        final = {arch: [make_run(self.root, self.data, self.scale, arch, lr, s, objective, longer=longer)
+                        for s in self.scale.seeds] for arch, lr in best.items()}
         looped = f"{K}x{T}"
         if objective == "last_pass":  # the gate of each looped seed: stage II (the LM, hence every loss per pass, unchanged)
-            final[looped] = [make_run(self.root, self.data, self.scale, looped, best[looped], s, objective, stage2=True)
-                             for s in self.scale.seeds]
+            final[looped] = [make_run(self.root, self.data, self.scale, looped, best[looped], s, objective, stage2=True,
+                                      longer=longer) for s in self.scale.seeds]
         for other in OBJECTIVES:  # the other objectives beside it: their seed-1 runs of the choice (one seed each)
             if other != objective:
                 final[f"{looped}_{other}"] = [make_run(self.root, self.data, self.scale, looped, self.scale.objective_lr,
@@ -231,28 +235,31 @@ class Suite:
         for runs in final.values():
             for run in runs:
                 self.train(run)
-        if "test" not in self.results:  # touched once: delete "test" from the results file to rescore
-            self.results["test"] = self.test(final)
+        steps = self.scale.steps * longer
+        if self.results.get("test", {}).get("steps", self.scale.steps) != steps:  # scored for another length
+            earlier = self.results.pop("test")
+            self.results.setdefault("earlier_tests", []).append(
+                {"steps": earlier.get("steps", self.scale.steps), "summary": self.results.pop("summary"), **earlier})
+        if "test" not in self.results:  # touched once per protocol: delete "test" from the results file to rescore
+            self.results["test"] = {"steps": steps, **self.test(final)}
             self.results["summary"] = headline(self.results["test"])
         self.save()
-        if self.scale.horizon > 1:
-            self.horizon(best, objective)
 
-    def horizon(self, best: dict, objective: str) -> None:
-        """Would longer training change the order? The looped model and its iso-parameter twin (seed 1,
-        their chosen LR) trained `scale.horizon` times longer, on validation only: the test numbers stay
-        those of the protocol fixed beforehand."""
-        rows = {}
-        for arch in (f"{K}x1", f"{K}x{T}"):
-            run = make_run(self.root, self.data, self.scale, arch, best[arch], 1, objective, longer=self.scale.horizon)
-            entry = self.train(run)
-            rows[arch] = {"run": run.name, "steps": run.overrides["train.max_steps"],
-                          "valid_loss_per_pass": entry["valid_loss_per_pass"],
-                          "short_run_valid_loss_per_pass": self.runs[
-                              make_run(self.root, self.data, self.scale, arch, best[arch], 1, objective).name][
-                              "valid_loss_per_pass"]}
-        self.results["horizon"] = rows
-        self.save()
+    def choose_length(self, best: dict, objective: str) -> int:
+        """The final runs' length: `scale.longer` times the selection's steps when seed 1 of every model
+        (at its chosen LR) ends lower on validation trained that long, else the selection's."""
+        if self.scale.longer <= 1:
+            return 1
+        table = {}
+        for arch in ARCHS:
+            runs = {n: make_run(self.root, self.data, self.scale, arch, best[arch], 1, objective, longer=n)
+                    for n in (1, self.scale.longer)}
+            table[arch] = {str(r.overrides["train.max_steps"]): {"run": r.name, "valid_loss": self.train(r)["valid_loss"]}
+                           for n, r in runs.items()}
+        short, long = (str(self.scale.steps * n) for n in (1, self.scale.longer))
+        chosen = self.scale.longer if all(t[long]["valid_loss"] < t[short]["valid_loss"] for t in table.values()) else 1
+        self.results.setdefault("selection", {})["length"] = {"valid": table, "chosen_steps": self.scale.steps * chosen}
+        return chosen
 
     def test(self, final: dict) -> dict:
         """Every test-split number, from the exported final models (the only use of the test split)."""
@@ -348,13 +355,19 @@ def report(results: dict) -> str:
                          " ".join(f"{x:.4f}" for x in losses) + "; final exit distribution " +
                          " ".join(f"{p:.2f}" for p in obj["final_exit_probs"][o]))
         lines.append(f"* chosen objective: {obj['chosen']}")
+    length = selection.pop("length", None)
+    if length:
+        lines.append("* training length (validation CE of seed 1, last pass): " + "; ".join(
+            f"{arch} " + ", ".join(f"{steps} steps {v['valid_loss']:.4f}" for steps, v in t.items())
+            for arch, t in length["valid"].items()) + f"; chosen {length['chosen_steps']} steps")
     for arch, s in selection.items():
         lines.append(f"* LR grid {arch} (validation CE, last pass): " +
                      ", ".join(f"{lr}: {v:.4f}" for lr, v in s["lr_grid"].items()) +
                      f"; chosen {s['best_lr']:g}{'' if s['bracketed'] else ' (at the grid edge)'}")
     test = results.get("test")
     if test:
-        lines += ["", f"Test CE (nats/token) per pass, mean over seeds [95% over seeds and windows]; {test['windows']} "
+        lines += ["", f"Test CE (nats/token) per pass at {test.get('steps', results['scale']['steps'])} training steps, "
+                  f"mean over seeds [95% over seeds and windows]; {test['windows']} "
                   f"windows, {test['tokens']:,} tokens; unigram entropy {test['unigram_entropy']:.3f}:", "",
                   "| model | seeds | pass 1 | pass 2 | pass 3 | pass 4 |", "|---|---|---|---|---|---|"]
         for arch, e in test["archs"].items():
@@ -374,10 +387,6 @@ def report(results: dict) -> str:
                           " ".join(f"q{f['q']}:{f['ppl']:.2f}@{f['passes']:.2f}" for f in g["test"])]
                 lines += ["", f"{arch} depth extrapolation (test CE at 1..{2 * T} passes): " +
                           " ".join(f"{r['num_steps']}:{r['loss']:.3f}" for r in e["extrapolation"])]
-    for arch, h in results.get("horizon", {}).items():
-        lines.append(f"* {arch} trained {h['steps']} steps (validation CE per pass): " +
-                     " ".join(f"{x:.4f}" for x in h["valid_loss_per_pass"]) + "; at the protocol's length: " +
-                     " ".join(f"{x:.4f}" for x in h["short_run_valid_loss_per_pass"]))
     return "\n".join(lines)
 
 

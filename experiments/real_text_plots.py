@@ -15,14 +15,14 @@ def _unigram(ax, test, ppl=False):
 
 
 def _chosen_runs(results, arch):
-    """The final runs of `arch` (every seed at its chosen LR, the chosen objective, no stage II, the
-    protocol's length)."""
+    """The final runs of `arch` (every seed at its chosen LR, the chosen objective and length, no stage II)."""
     sel = results["selection"]
     lr = sel[arch]["best_lr"]
     objective = sel["looped_objective"]["chosen"]
+    steps = results.get("test", {}).get("steps", results["scale"]["steps"])  # the final runs' length
     return [r for r in results["runs"].values() if r["arch"] == arch and r["lr"] == lr
             and r["objective"] == (objective if r["loops"] > 1 else "last_pass")
-            and r["overrides"]["train.max_steps"] == results["scale"]["steps"]]  # not the horizon check's
+            and r["overrides"]["train.max_steps"] == steps]
 
 
 def plot_all(results: dict, out_dir: Path, tag: str) -> None:
@@ -102,19 +102,17 @@ def plot_all(results: dict, out_dir: Path, tag: str) -> None:
     obj_ax.legend(fontsize=7)
     _save(fig, out_dir / f"{tag}_training.png")
 
-    horizon = results.get("horizon")
-    if horizon:  # the training-length check: seed 1 at the protocol's length and trained longer
+    length = results["selection"].get("length")
+    if length:  # the training-length choice: seed 1 of each model at both lengths, on validation
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for i, arch in enumerate(archs):
-            if arch not in horizon:
-                continue
-            long = results["runs"][horizon[arch]["run"]]["curves"]
-            short = next(r for r in _chosen_runs(results, arch) if r["seed"] == 1)["curves"]
-            for c, style, steps in ((short, "-", results["scale"]["steps"]), (long, "--", horizon[arch]["steps"])):
+            for (steps, entry), style in zip(sorted(length["valid"][arch].items(), key=lambda kv: int(kv[0])), ("-", "--")):
+                c = results["runs"][entry["run"]]["curves"]
                 ax.plot(c["valid_step"], [v[-1] for v in c["valid_loss_per_pass"]], ls=style, color=f"C{i}",
                         label=f"{arch}, {steps} steps")
         _unigram(ax, test)
         ax.set(xlabel="training step", ylabel="validation CE, last pass (seed 1)",
-               ylim=(None, test["unigram_entropy"] + 0.5), title="longer training (validation only)")
+               ylim=(None, test["unigram_entropy"] + 0.5),
+               title=f"training length on validation (chosen: {length['chosen_steps']} steps)")
         ax.legend(fontsize=7)
-        _save(fig, out_dir / f"{tag}_horizon.png")
+        _save(fig, out_dir / f"{tag}_length.png")

@@ -92,3 +92,22 @@ def test_window_losses_are_the_models_own_losses(data):
         assert (fixed["passes"] == (t + 1) * fixed["count"]).all()
     deeper = window_losses(model, items, batch=4, num_steps=5)  # extrapolation reads every depth from one forward
     torch.testing.assert_close(deeper["per_pass"][:, :3], got["per_pass"])
+
+
+@pytest.mark.parametrize("improves,chosen", [({"2x1", "2x4", "8x1"}, 3), ({"2x1", "2x4"}, 1)])
+def test_the_longer_length_is_taken_only_when_every_model_is_lower_on_validation(data, improves, chosen):
+    from experiments.real_text import Suite
+
+    root, folder = data
+    suite = Suite.__new__(Suite)  # the selection logic alone: runs scored by a table, nothing trained
+    suite.root, suite.data, suite.scale, suite.results = root, folder, FULL, {}
+
+    def train(run):
+        longer = run.overrides["train.max_steps"] > FULL.steps
+        return {"valid_loss": 4.0 - (0.1 if longer and run.meta["arch"] in improves else -0.1 * longer)}
+
+    suite.train = train
+    assert suite.choose_length({arch: 8e-3 for arch in ARCHS}, "stage1") == chosen
+    length = suite.results["selection"]["length"]
+    assert length["chosen_steps"] == FULL.steps * chosen
+    assert set(length["valid"]) == set(ARCHS) and all(set(t) == {"300", "900"} for t in length["valid"].values())

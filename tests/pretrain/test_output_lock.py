@@ -68,7 +68,9 @@ def test_the_lock_goes_away_on_every_exit_path(tmp_path, ending):
 
 def test_a_second_job_on_a_live_jobs_folder_stops_at_once(corpus, tmp_path):
     out = tmp_path / "run"
-    args = ["--config", "configs/smoke.yaml", *base_overrides(corpus, out, **{"train.max_steps": 60})]
+    # the first job runs until it is told to stop: a short one could end (and free the folder) while the
+    # second is still starting up on a loaded machine
+    args = ["--config", "configs/smoke.yaml", *base_overrides(corpus, out, **{"train.max_steps": 100000})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     first = subprocess.Popen([sys.executable, "-m", "pretrain.train", *args], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -86,11 +88,12 @@ def test_a_second_job_on_a_live_jobs_folder_stops_at_once(corpus, tmp_path):
         assert f"train.output_dir {out} is in use by another job" in second.stderr
         assert f"pid {first.pid}" in second.stderr
         assert time.time() - start < 60 and first.poll() is None  # refused while the first still runs
+        first.terminate()  # preemption: the first saves at the end of its step and stops
         stdout, stderr = first.communicate(timeout=300)
     finally:
         first.kill()
     assert first.returncode == 0, stderr[-2000:]
     steps = [r["step"] for r in metrics(out) if "loss" in r]
-    assert steps == list(range(1, 61))  # one job's records, each step once
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 1  # one job's records, each step once
     assert (out / "config.yaml").read_bytes() == config_before
     assert not (out / LOCK_FILE).exists()
