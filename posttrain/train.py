@@ -304,7 +304,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     with rank_errors((ConfigError, ProblemError, ReasonerError)):
         run(load_config(args.config, args.overrides))
-        shutdown_distributed()
+        shutdown_distributed(exit_process=True)
 
 
 if __name__ == "__main__":

@@ -439,7 +439,7 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
         rank, world = init_distributed()
         run(cfg, rank, world)
-        shutdown_distributed()
+        shutdown_distributed(exit_process=True)
 
 
 if __name__ == "__main__":
