@@ -198,14 +198,14 @@ class Suite:
         self.choices["ltpo_starts_from"] = "grpo" if use_grpo else "weaver"
         final = {seed: grpo[seed] if use_grpo else sft["weaver", seed] for seed in s.seeds}
         print("== 5. correctness heads", flush=True)
-        heads = {seed: {d: self.head(final[seed], seed, d) for d in DRAFTS} for seed in s.seeds}
-        self.diagnose(final[s.seeds[0]], heads[s.seeds[0]], grpo[s.seeds[0]])
+        first = s.seeds[0]  # every draft length for the first seed (the choice), the chosen one for the others
+        self.diagnose(final[first], {d: self.head(final[first], first, d) for d in DRAFTS}, grpo[first])
         draft = self.choices["head_draft"]
+        heads = {seed: self.head(final[seed], seed, draft) for seed in s.seeds}
         self.save()
         if "test" not in self.results:  # touched once: delete "test" from the results file to rescore
             print("== 6. the test table", flush=True)
-            self.results["test"] = self.test(sft, more, trigger, grpo, final, {k: v[draft] for k, v in heads.items()},
-                                             control)
+            self.results["test"] = self.test(sft, more, trigger, grpo, final, heads, control)
         self.save()
 
     def sft(self, method: str, seed: int) -> Path:
@@ -293,11 +293,12 @@ class Suite:
         return table(per_seed, control, self.files)
 
 
+KEYS = ("scale", "choices", "test", "table", "seconds")  # what the results file holds
 TITLES = {"vanilla": "Vanilla (the reasoner)", "lora": "Control: LoRA SFT, nothing inserted",
           "pause": "Control: LoRA SFT with pause tokens", "more_training": "Control: the reasoner pretrained further "
           "(the weaver's SFT FLOPs)", "weaver_prompt": "+ Weaver (prompt augmentation)",
           "weaver": "+ Weaver (prompt + inference augmentation, <= 5)", "trigger": "+ Weaver, learned trigger",
-          "grpo": "+ Weaver after GRPO", "ltpo_weaver": "+ Weaver, first problems (the LTPO rows' base)",
+          "grpo": "+ Weaver after GRPO", "ltpo_weaver": "+ Weaver where LTPO starts (the LTPO rows' problems)",
           "ltpo_ltpo": "+ Weaver + LTPO", "ltpo_correctness_ltpo": "+ Weaver + Correctness-LTPO"}
 
 
@@ -365,6 +366,7 @@ def main(argv=None):
     scale, tag = (QUICK, "posttrain_word_quick") if args.quick else (FULL, "posttrain_word")
     path = args.results or RESULTS / f"{tag}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    results = {k: v for k, v in results.items() if k in KEYS}  # a results file of an earlier driver: its keys go
     if not args.report:
         from experiments.ouro_synthetic import save_json
 
@@ -374,6 +376,8 @@ def main(argv=None):
                       lambda: save_json(path, results))
         suite.run()
         results["seconds"] = results.get("seconds", 0) + round(time.time() - started)
+        if "test" in results:
+            results["table"] = results["test"]["rows"]  # the table's rows, as the earlier results file had them
         save_json(path, results)
         from experiments.posttrain_diagnostics import plot_table
 
