@@ -302,7 +302,7 @@ def main():
     model = build(args)
     if args.compile:
         compile_layers(model, dynamic=True)
-    report = {"config": vars(args), "results": [bench_batch(model, args, b) for b in args.batch]}
+    report = {"config": {k: v for k, v in vars(args).items() if k != "output"}, "results": [bench_batch(model, args, b) for b in args.batch]}
     if args.requests:
         report["continuous"] = [bench_continuous(model, args, b) for b in args.batch]
     text = json.dumps(report, indent=2)

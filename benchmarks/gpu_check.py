@@ -220,7 +220,7 @@ def main(argv=None):
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "args": vars(args) | {
-            "json": str(args.json)}, "rows": rows}, indent=1))
+            "json": args.json.name}, "rows": rows}, indent=1))
     return rows
 
 

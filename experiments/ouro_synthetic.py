@@ -126,10 +126,11 @@ def prepare_data(root: Path, scale: Scale) -> dict:
 
 
 def save_json(path: Path, obj) -> None:
-    """Write a results file atomically (a killed driver never leaves half a file)."""
+    """Write a results file atomically (a killed driver never leaves half a file), with the paths inside
+    this repository relative to it: a results file names no machine's folders (tested)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj, indent=1).replace(json.dumps(f"{REPO}/")[1:-1], ""))
     tmp.replace(path)
 
 
