@@ -16,11 +16,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: smoke test bench lock test-latest test-oldest clean-venv
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.txt requirements.lock pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip check
 	touch $(STAMP)
 
