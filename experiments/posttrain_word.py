@@ -179,8 +179,8 @@ class Suite:
         cost = sft_cost(self.files["gsm_train"], self.reasoner, s.sft_steps, 8, 8, 5)
         self.choices["more_training_steps"] = cost
         more = {seed: self.pretrain(self.root / f"more_training_s{seed}", [
-            f"model.init_from={self.reasoner}", f"train.max_steps={cost['pretraining_steps']}", f"train.seed={seed}", f"data.seed={1234 + seed}",
-            f"train.save_every={cost['pretraining_steps']}"]) for seed in s.seeds}
+            f"model.init_from={self.reasoner}", f"train.max_steps={cost['pretraining_steps']}", f"train.seed={seed}",
+            f"data.seed={1234 + seed}", f"train.save_every={cost['pretraining_steps']}"]) for seed in s.seeds}
         for seed, folder in more.items():
             self.choices.setdefault("more_training_valid_accuracy", {})[str(seed)] = self.valid_accuracy(
                 f"more_training_s{seed}", "vanilla", reasoner=folder)
