@@ -38,9 +38,9 @@ def run(seq: int, sp: int, root: Path, corpus: Path, extra: list[str]) -> dict:
     if sp == 1:
         cmd = [sys.executable, "-m", "pretrain.train", "--config", "configs/smoke.yaml", *args]
     else:
-        from tests.helpers.training import deepspeed_cmd
+        from runtime.launch import deepspeed_command
 
-        cmd = deepspeed_cmd(sp) + ["launch/pretrain.sh", "--config", "configs/smoke.yaml", *args]
+        cmd = deepspeed_command(sp) + ["launch/pretrain.sh", "--config", "configs/smoke.yaml", *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         return {"seq": seq, "sp": sp, "error": (proc.stdout + proc.stderr)[-1500:]}

@@ -15,6 +15,7 @@ import importlib
 import os
 import socket
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 
@@ -61,6 +62,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_command(world: int) -> list[str]:
+    """The DeepSpeed runner next to this Python, `world` ranks on this machine, on a free port (tests,
+    benchmarks); append the launcher script and its arguments."""
+    return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(world), "--master_port", str(free_port())]
 
 
 def main(argv=None):

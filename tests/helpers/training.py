@@ -2,20 +2,14 @@
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from runtime.launch import deepspeed_command as deepspeed_cmd, free_port  # noqa: F401 (used by the tests)
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_overrides(corpus: Path, out: Path, **extra) -> list[str]:
@@ -48,11 +42,6 @@ def run_in_process(overrides: list[str]):
 
     init_single_process()
     return run(load_config(REPO / "configs/smoke.yaml", overrides), 0, 1)
-
-
-def deepspeed_cmd(world: int) -> list[str]:
-    return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(world), "--master_port",
-            str(free_port())]
 
 
 def launch(world: int, overrides: list[str], timeout: int = 300, script: str = "launch/pretrain.sh",
