@@ -192,9 +192,9 @@ class Suite:
             f"train.seed={seed}"], s.trigger_steps)[-1] for seed in s.seeds}
         lr, group = self.choose_grpo(sft)
         grpo = {seed: self.grpo(sft["weaver", seed], seed, lr, group) for seed in s.seeds}
-        use_grpo = (sum(self.valid_accuracy(f"grpo_s{seed}", "grpo", weaver=sft["weaver", seed], grpo_weaver=g)
-                        for seed, g in grpo.items()) >
-                    sum(self.valid_accuracy(f"weaver_s{seed}", "weaver", weaver=sft["weaver", seed]) for seed in s.seeds))
+        use_grpo = (sum(self.valid_accuracy(f"grpo_lr{lr:g}_g{group}_s{seed}", "grpo", weaver=sft["weaver", seed],
+                                            grpo_weaver=g) for seed, g in grpo.items()) >
+                    sum(self.sft_valid_accuracy("weaver", seed) for seed in s.seeds))
         self.choices["ltpo_starts_from"] = "grpo" if use_grpo else "weaver"
         final = {seed: grpo[seed] if use_grpo else sft["weaver", seed] for seed in s.seeds}
         print("== 5. correctness heads", flush=True)
@@ -219,12 +219,15 @@ class Suite:
                                                                               "chosen": best.name}
         return best
 
+    def sft_valid_accuracy(self, method: str, seed: int) -> float:
+        """The validation accuracy of an SFT run's chosen checkpoint (scored when it was chosen)."""
+        run = self.choices["sft_checkpoint"][f"{method}_s{seed}"]
+        return run["valid_accuracy"][run["chosen"]]
+
     def control_valid_accuracy(self, control: str) -> float:
         if control == "more_training":
             return sum(self.choices["more_training_valid_accuracy"].values()) / len(self.scale.seeds)
-        runs = self.choices["sft_checkpoint"]
-        return sum(max(runs[f"{control}_s{seed}"]["valid_accuracy"].values()) for seed in self.scale.seeds) / len(
-            self.scale.seeds)
+        return sum(self.sft_valid_accuracy(control, seed) for seed in self.scale.seeds) / len(self.scale.seeds)
 
     def grpo(self, weaver: Path, seed: int, lr: float, group: int) -> Path:
         return self.posttrain("configs/posttrain_grpo.yaml", self.root / f"grpo_lr{lr:g}_g{group}_s{seed}", [
@@ -243,8 +246,8 @@ class Suite:
                 "valid_accuracy": self.valid_accuracy(f"grpo_lr{lr:g}_g{group}_s{seed}", "grpo",
                                                       weaver=sft["weaver", seed], grpo_weaver=out)}
         best = max(grid.values(), key=lambda g: g["valid_accuracy"])
-        self.choices["grpo"] = {"grid": grid, "weaver_valid_accuracy": self.valid_accuracy(
-            f"weaver_s{seed}", "weaver", weaver=sft["weaver", seed]), "chosen": [best["lr"], best["group"]]}
+        self.choices["grpo"] = {"grid": grid, "weaver_valid_accuracy": self.sft_valid_accuracy("weaver", seed),
+                                "chosen": [best["lr"], best["group"]]}
         return best["lr"], best["group"]
 
     def head(self, weaver: Path, seed: int, draft: str) -> Path:
