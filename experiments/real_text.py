@@ -19,10 +19,13 @@ configs/experiments/real_text.yaml OVERRIDES` (2 CPU ranks) and `python -m pretr
 4. Seeds 1.. at each architecture's best LR and the chosen length; when the last-pass objective is
    chosen, the exit gate of each looped seed is trained afterwards with stage II (gate only, the LM
    frozen).
-5. The test works, once per protocol, at the end: loss per pass and per model (token-weighted means; intervals
-   over seeds and windows of the split, paired where models share windows), the gate's threshold
-   sweep (perplexity against mean passes, next to the fixed depths; q read off on validation),
-   depth extrapolation to 2T passes, and greedy samples at 1, 2 and T passes.
+5. The test works, once per protocol: each final run is scored right after its training (its sums per
+   window kept in the results, so a lost run folder costs nothing) and the tables are made from them
+   at the end: loss per pass and per model (token-weighted means; intervals over seeds and windows
+   of the split, paired where models share windows), the gate's threshold sweep (perplexity against
+   mean passes, next to the fixed depths; q read off on validation), depth extrapolation to 2T
+   passes, and greedy samples at 1, 2 and T passes. The other objectives' seed-1 runs of step 1 are
+   compared on validation only.
 
 Results: experiments/results/real_text[_quick].json and PNGs beside it.
 """
@@ -228,19 +231,16 @@ class Suite:
         if objective == "last_pass":  # the gate of each looped seed: stage II (the LM, hence every loss per pass, unchanged)
             final[looped] = [make_run(self.root, self.data, self.scale, looped, best[looped], s, objective, stage2=True,
                                       longer=longer) for s in self.scale.seeds]
-        for other in OBJECTIVES:  # the other objectives beside it: their seed-1 runs of the choice (one seed each)
-            if other != objective:
-                final[f"{looped}_{other}"] = [make_run(self.root, self.data, self.scale, looped, self.scale.objective_lr,
-                                                       1, other)]
-        for runs in final.values():
+        for arch, runs in final.items():  # each final run scored on test as soon as it is trained
             for run in runs:
                 self.train(run)
+                self.test_record(run, full=arch == looped)
         steps = self.scale.steps * longer
-        if self.results.get("test", {}).get("steps", self.scale.steps) != steps:  # scored for another length
+        if self.results.get("test", {"steps": steps}).get("steps", self.scale.steps) != steps:  # another length
             earlier = self.results.pop("test")
             self.results.setdefault("earlier_tests", []).append(
                 {"steps": earlier.get("steps", self.scale.steps), "summary": self.results.pop("summary"), **earlier})
-        if "test" not in self.results:  # touched once per protocol: delete "test" from the results file to rescore
+        if "test" not in self.results:  # touched once per protocol: delete "test" and "test_records" to rescore
             self.results["test"] = {"steps": steps, **self.test(final)}
             self.results["summary"] = headline(self.results["test"])
         self.save()
@@ -261,32 +261,72 @@ class Suite:
         self.results.setdefault("selection", {})["length"] = {"valid": table, "chosen_steps": self.scale.steps * chosen}
         return chosen
 
-    def test(self, final: dict) -> dict:
-        """Every test-split number, from the exported final models (the only use of the test split)."""
+    def checkpoint(self, run: Run) -> Path:
+        """The run's exported model. A run recorded in the results whose folder is gone (trained in
+        another checkout) is trained again with its seed; the reproduced validation loss is recorded
+        beside the first one."""
+        folder = Path(run.overrides["train.output_dir"]) / "hf"
+        if not (folder / "config.json").exists():
+            train_and_export(run)
+            v = window_losses(load(folder)[0], self.held_out("valid"))
+            entry = self.runs[run.name]
+            entry["retrained_valid_loss"] = mean_loss(v["per_pass"][:, -1], v["count"])
+            print(f"[{run.name}] retrained: validation CE {entry['retrained_valid_loss']:.4f} "
+                  f"(first training {entry['valid_loss']:.4f})", flush=True)
+        return folder
+
+    def test_record(self, run: Run, full: bool) -> dict:
+        """One final run's test-split sums, computed once from its exported model and kept in the results
+        (so that a lost run folder costs nothing once its record is in): per window and pass the summed
+        CE and the target count; with `full` (the looped model) also the exit gate's sweep totals on
+        validation and test, the extrapolated depths' totals and, for the first seed, the samples."""
+        records = self.results.setdefault("test_records", {})
+        if run.name in records:
+            return records[run.name]
         from pretrain.data import Tokenizer
 
-        test, valid = self.held_out("test"), self.held_out("valid")
-        tok = Tokenizer(self.data / "tokenizer.model")
-        out = {"windows": len(test), "tokens": None, "unigram_entropy": unigram_entropy(self.data), "archs": {}}
+        model = load(self.checkpoint(run))[0]
+        test, loops = self.held_out("test"), run.meta["loops"]
+        fixed = window_losses(model, test)
+        record = {"sums": fixed["per_pass"].round(decimals=4).tolist(), "count": fixed["count"].tolist()}
+        if full:
+            valid = window_losses(model, self.held_out("valid"))
+            record["valid_fixed"] = {"sums": valid["per_pass"].sum(0).tolist(), "count": int(valid["count"].sum())}
+            record["gate"] = {split: {str(q): totals(window_losses(model, items, exit_threshold=q)) for q in QS}
+                              for split, items in (("valid", self.held_out("valid")), ("test", test))}
+            deep = window_losses(model, test, num_steps=2 * loops)  # every depth from one forward
+            record["deep"] = {"sums": deep["per_pass"].sum(0).tolist(), "count": int(deep["count"].sum())}
+            if run.meta["seed"] == self.scale.seeds[0]:
+                tok = Tokenizer(self.data / "tokenizer.model")
+                record["samples"] = {p: {d: sample(model, tok, p, d) for d in sorted({1, 2, loops})} for p in PROMPTS}
+        records[run.name] = record
+        self.save()
+        print(f"[{run.name}] test record kept", flush=True)
+        return record
+
+    def test(self, final: dict) -> dict:
+        """Every test-split number, from the final runs' records (the only use of the test split)."""
+        out = {"windows": len(self.held_out("test")), "tokens": None, "unigram_entropy": unigram_entropy(self.data),
+               "archs": {}}
         for arch, runs in final.items():
-            models = [load(Path(r.overrides["train.output_dir"]) / "hf")[0] for r in runs]
-            rows = [window_losses(m, test) for m in models]
-            out["tokens"] = int(rows[0]["count"].sum())
+            recs = [self.results["test_records"][r.name] for r in runs]
+            sums = [torch.tensor(r["sums"], dtype=torch.float64) for r in recs]  # (windows, T) per seed
+            counts = [torch.tensor(r["count"], dtype=torch.float64) for r in recs]
+            out["tokens"] = int(counts[0].sum())
             loops = runs[0].meta["loops"]
-            per_window = [(r["per_pass"] / r["count"][:, None]).tolist() for r in rows]  # (seeds, windows, T)
+            per_window = [(s / c[:, None]).tolist() for s, c in zip(sums, counts)]  # (seeds, windows, T)
             entry = {"per_window_last": [[round(w[-1], 4) for w in pw] for pw in per_window],
-                     "per_pass": [mean_loss(torch.stack([r["per_pass"][:, t] for r in rows]),
-                                            torch.stack([r["count"] for r in rows])) for t in range(loops)],
+                     "per_pass": [mean_loss(torch.stack([s[:, t] for s in sums]), torch.stack(counts))
+                                  for t in range(loops)],
                      "per_pass_ci95": [seed_problem_interval([[w[t] for w in pw] for pw in per_window])["ci95"]
                                        for t in range(loops)],
-                     "per_seed_last": [mean_loss(r["per_pass"][:, -1], r["count"]) for r in rows]}
-            if arch == f"{K}x{T}":  # the chosen looped model (the other objectives' rows: loss per pass only)
-                entry["gate"] = gate_front(models, valid, test, test_fixed=rows)
-                deep = [window_losses(m, test, num_steps=2 * loops) for m in models]  # every depth from one forward
-                entry["extrapolation"] = [{"num_steps": n, "loss": sum(mean_loss(w["per_pass"][:, n - 1], w["count"])
-                                                                       for w in deep) / len(models)}
+                     "per_seed_last": [mean_loss(s[:, -1], c) for s, c in zip(sums, counts)]}
+            if "gate" in recs[0]:  # the chosen looped model
+                entry["gate"] = gate_front(recs)
+                entry["extrapolation"] = [{"num_steps": n, "loss": sum(r["deep"]["sums"][n - 1] / r["deep"]["count"]
+                                                                       for r in recs) / len(recs)}
                                           for n in range(1, 2 * loops + 1)]
-                entry["samples"] = {p: {d: sample(models[0], tok, p, d) for d in sorted({1, 2, loops})} for p in PROMPTS}
+                entry["samples"] = next(r["samples"] for r in recs if "samples" in r)
             out["archs"][arch] = entry
         return out
 
@@ -297,27 +337,35 @@ def final_exit_probs(run: Run) -> list:
     return next(r["exit_probs"] for r in reversed(records) if "exit_probs" in r)
 
 
-def gate_front(models, valid, test, test_fixed=None) -> dict:
-    """The exit threshold sweep: perplexity against mean passes on validation and test, next to the
-    fixed depths; the q keeping validation perplexity within 2% of full depth at the fewest passes.
-    test_fixed: the models' `window_losses` on test, when already computed."""
-    def sweep(items, fixed=None):
-        rows = {q: [window_losses(m, items, exit_threshold=q) for m in models] for q in QS}
-        fixed = fixed or [window_losses(m, items) for m in models]
-        T_ = fixed[0]["per_pass"].shape[1]
-        fixed_ppl = [math.exp(mean_loss(torch.stack([f["per_pass"][:, t] for f in fixed]),
-                                        torch.stack([f["count"] for f in fixed]))) for t in range(T_)]
-        front = [{"q": q, "ppl": math.exp(mean_loss(torch.stack([r["policy"] for r in rs]),
-                                                    torch.stack([r["count"] for r in rs]))),
-                  "passes": (sum(r["passes"].sum() for r in rs) / sum(r["count"].sum() for r in rs)).item()}
-                 for q, rs in rows.items()]
-        return front, fixed_ppl
+def totals(losses: dict) -> dict:
+    """A split's totals under one exit policy (from `window_losses`): summed CE, targets and passes."""
+    return {"ce": losses["policy"].sum().item(), "count": int(losses["count"].sum()),
+            "passes": int(losses["passes"].sum())}
 
-    valid_front, valid_fixed = sweep(valid)
+
+def gate_front(records: list[dict]) -> dict:
+    """The exit threshold sweep over the seeds' records: perplexity against mean passes on validation
+    and test, next to the fixed depths; the q keeping validation perplexity within 2% of full depth at
+    the fewest passes."""
+    def sweep(split):
+        front = []
+        for q in QS:
+            rows = [r["gate"][split][str(q)] for r in records]
+            count = sum(r["count"] for r in rows)
+            front.append({"q": q, "ppl": math.exp(sum(r["ce"] for r in rows) / count),
+                          "passes": sum(r["passes"] for r in rows) / count})
+        return front
+
+    def fixed(sums, counts):  # per-pass perplexity, token-weighted over seeds
+        return [math.exp(sum(s[t] for s in sums) / sum(counts)) for t in range(len(sums[0]))]
+
+    valid_fixed = fixed([r["valid_fixed"]["sums"] for r in records], [r["valid_fixed"]["count"] for r in records])
+    test_fixed = fixed([[sum(w[t] for w in r["sums"]) for t in range(len(r["sums"][0]))] for r in records],
+                       [sum(r["count"]) for r in records])
+    valid_front = sweep("valid")
     within = [f for f in valid_front if f["ppl"] <= 1.02 * valid_fixed[-1]]
     chosen = min(within, key=lambda f: f["passes"])["q"] if within else None
-    test_front, test_fixed = sweep(test, test_fixed)
-    return {"valid": valid_front, "valid_fixed_ppl": valid_fixed, "test": test_front, "test_fixed_ppl": test_fixed,
+    return {"valid": valid_front, "valid_fixed_ppl": valid_fixed, "test": sweep("test"), "test_fixed_ppl": test_fixed,
             "q_within_2pct_on_valid": chosen}
 
 

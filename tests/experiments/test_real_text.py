@@ -2,6 +2,9 @@
 asserted), its held-out windows are the trainer's packing, and its per-window losses are the
 model's own per-pass loss and exit-policy loss."""
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -111,3 +114,48 @@ def test_the_longer_length_is_taken_only_when_every_model_is_lower_on_validation
     length = suite.results["selection"]["length"]
     assert length["chosen_steps"] == FULL.steps * chosen
     assert set(length["valid"]) == set(ARCHS) and all(set(t) == {"300", "900"} for t in length["valid"].values())
+
+
+@torch.no_grad()
+def test_test_tables_from_the_kept_records_match_the_models(data, monkeypatch):
+    """The test split is scored run by run into records kept in the results (JSON round trip); the
+    tables made from them equal the numbers computed directly from the models."""
+    import json
+
+    import experiments.real_text as rt
+
+    root, folder = data
+    items = {"valid": windows(folder / "valid", 64, limit=5), "test": windows(folder / "test", 64, limit=6)}
+    looped, base = f"{K}x{T}", f"{K}x1"
+    final = {arch: [make_run(root, folder, QUICK, arch, 1e-3, s) for s in (1, 2)] for arch in (base, looped)}
+    runs = [(arch, run) for arch, rs in final.items() for run in rs]
+    models = {run.name: tiny_model(seed=i, vocab_size=320, total_ut_steps=ARCHS[arch][1]) for i, (arch, run) in enumerate(runs)}
+    monkeypatch.setattr(rt, "load", lambda name: (models[name], None))
+    suite = rt.Suite.__new__(rt.Suite)
+    suite.scale, suite.data, suite.results, suite._windows = replace(QUICK, seeds=(1, 2)), folder, {}, items
+    suite.save, suite.checkpoint = lambda: None, lambda run: run.name  # no file, no training
+    for arch, run in runs:
+        suite.test_record(run, full=arch == looped)
+    suite.results = json.loads(json.dumps(suite.results))  # what a later session reads back
+    out = suite.test(final)
+
+    def direct(arch, **policy):
+        return [window_losses(models[r.name], items["test"], **policy) for r in final[arch]]
+
+    for arch in (base, looped):
+        rows = direct(arch)
+        for t in range(ARCHS[arch][1]):
+            want = mean_loss(torch.stack([r["per_pass"][:, t] for r in rows]), torch.stack([r["count"] for r in rows]))
+            assert out["archs"][arch]["per_pass"][t] == pytest.approx(want, rel=1e-5)
+    gate = out["archs"][looped]["gate"]
+    for point in gate["test"]:
+        rows = direct(looped, exit_threshold=point["q"])
+        count = sum(r["count"].sum() for r in rows).item()
+        assert point["ppl"] == pytest.approx(math.exp(sum(r["policy"].sum() for r in rows).item() / count), rel=1e-5)
+        assert point["passes"] == pytest.approx(sum(r["passes"].sum() for r in rows).item() / count)
+    deep = direct(looped, num_steps=2 * T)
+    for row in out["archs"][looped]["extrapolation"]:
+        n = row["num_steps"]
+        assert row["loss"] == pytest.approx(sum(mean_loss(d["per_pass"][:, n - 1], d["count"]) for d in deep) / 2, rel=1e-5)
+    assert set(out["archs"][looped]["samples"]) == set(rt.PROMPTS)
+    assert len(out["archs"][base]["per_window_last"]) == 2 and len(out["archs"][base]["per_window_last"][0]) == 6
