@@ -79,6 +79,18 @@ def half_depth_threshold(model, prompt) -> float:
     return q
 
 
+MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "total_ut_steps", "kv_sharing")
+SIZE_FLAGS = ("preset", "gate_std", "vocab", "hidden", "layers", "steps")  # what sizes a random model only
+
+
+def measured_config(args, model) -> dict:
+    """The run's settings and the measured model's own dimensions (a saved model's, not the flags'
+    defaults, which size only the random model)."""
+    flags = {k: v for k, v in vars(args).items() if k != "output" and not (args.model and k in SIZE_FLAGS)}
+    return {**flags, "measured_model": {k: getattr(model.config, k) for k in MODEL_KEYS}}
+
+
 def token_flops(config, passes: float, context: float) -> float:
     """Forward FLOPs of one decoded token: `passes` x N layers (matmuls + attention over `context`
     keys), the LM head, and the embedding row (read, counted as d)."""
@@ -204,9 +216,9 @@ def timed_continuous(model, prompts, new_tokens, device, **kw):
 
     ticks, tick = [0], decode._Rows.tick
 
-    def counted_tick(rows):
+    def counted_tick(rows, *args, **kwargs):
         ticks[0] += 1
-        return tick(rows)
+        return tick(rows, *args, **kwargs)
 
     model.forward, core.layer_token_applications, decode._Rows.tick = timed_forward, 0, counted_tick
     try:
@@ -302,7 +314,7 @@ def main():
     model = build(args)
     if args.compile:
         compile_layers(model, dynamic=True)
-    report = {"config": {k: v for k, v in vars(args).items() if k != "output"}, "results": [bench_batch(model, args, b) for b in args.batch]}
+    report = {"config": measured_config(args, model), "results": [bench_batch(model, args, b) for b in args.batch]}
     if args.requests:
         report["continuous"] = [bench_continuous(model, args, b) for b in args.batch]
     text = json.dumps(report, indent=2)

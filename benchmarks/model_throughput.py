@@ -55,8 +55,8 @@ def reference_loss(model, ids):
     targets = shift_labels(ids)
     step_logits = [model.lm_head(h) for h in out.hidden_states]
     ce = torch.stack([F.cross_entropy(lg.float().flatten(0, 1), targets.flatten(), reduction="none",
-                                      ignore_index=-100).view_as(targets) for lg in step_logits], -1)
-    return stage1_loss(ce, out.gate_logits, targets != -100, model.config.entropy_beta)
+                                      ignore_index=IGNORE_INDEX).view_as(targets) for lg in step_logits], -1)
+    return stage1_loss(ce, out.gate_logits, targets != IGNORE_INDEX, model.config.entropy_beta)
 
 
 class _MatmulFloor(torch.autograd.Function):

@@ -17,7 +17,7 @@ Every run is `bash launch/pretrain.sh configs/experiments/looped_depth.yaml OVER
 4. The test split, touched once, at the end: accuracy per depth at the last pass, the exit policies
    (fixed depth 1..T, the learned gate's threshold sweep), depth extrapolation to 2T passes.
 
-One scorer (`pretrain.evaluate.greedy_answers`, the trainer's): greedy decoding, exact match of the
+One scorer (`pretrain.validation.greedy_answers`, the trainer's): greedy decoding, exact match of the
 first word. Intervals: bootstrap over seeds and problems, paired where rows share problems
 (experiments/stats.py). Results: experiments/results/looped_depth[_quick].json and PNGs beside it.
 """

@@ -177,13 +177,13 @@ def load(folder: Path):
 
 @torch.no_grad()
 def score_problems(model, tok, items, batch: int = 500, **policy) -> dict:
-    """Per-problem greedy exact match under an exit policy (`pretrain.evaluate.greedy_answers`, the
+    """Per-problem greedy exact match under an exit policy (`pretrain.validation.greedy_answers`, the
     trainer's scorer: 4 new tokens, first word; here without the KV cache, so that under a threshold
     policy later tokens do not depend on how skipped passes fill it) and the pass at which the first answer token was produced (its exit
     pass at the prompt's last position: the compute an early-exiting decoder spends on it).
     Returns {"correct": [0/1], "passes": [int]}, one entry per problem."""
     from looplm import left_pad
-    from pretrain.evaluate import greedy_answers
+    from pretrain.validation import greedy_answers
 
     correct, passes = [], []
     for i in range(0, len(items), batch):

@@ -122,7 +122,7 @@ def windows(prefix: Path, seq_len: int, limit: int | None = None) -> list[dict]:
 def window_losses(model, items: list[dict], batch: int = 16, **policy) -> dict:
     """Per window: summed CE and target count, per pass ("per_pass", T columns) or under an exit
     policy ("policy"), and the mean exit pass under the policy."""
-    from looplm.objectives import shift_labels
+    from looplm.objectives import IGNORE_INDEX, shift_labels
 
     per_pass, policy_ce, counts, passes = [], [], [], []
     for i in range(0, len(items), batch):
@@ -130,7 +130,7 @@ def window_losses(model, items: list[dict], batch: int = 16, **policy) -> dict:
         ids = torch.stack([torch.as_tensor(x["input_ids"]) for x in chunk]).long()
         pos = torch.stack([torch.as_tensor(x["position_ids"]) for x in chunk]).long()
         targets = shift_labels(torch.stack([torch.as_tensor(x["labels"]) for x in chunk]).long())
-        mask = targets != -100
+        mask = targets != IGNORE_INDEX
         safe = targets.clamp_min(0)
         out = model(ids, position_ids=pos, use_cache=False, output_step_logits=True, **policy)
 

@@ -20,6 +20,7 @@ and nothing is gathered. The tokens are those of `model.generate(..., cache=Loop
 with the same exit policy (tested); greedy decoding, exit policies "threshold", "fixed" and "last".
 """
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -143,48 +144,36 @@ class _Rows:
             return z, (cdf >= policy.value) | (self.passes == self.T - 1)
         return z, self.passes == (int(policy.value) if policy.kind == "fixed" else self.T - 1)
 
-    def tick(self) -> torch.Tensor:
-        """One pass for every row; rows whose token exits emit it (the LM head runs on those rows
-        only). Returns the rows whose request ended at this tick."""
-        core = self.core
-        z, exits = self._pass(int(self.columns.max()) + 1, ColumnSlot)
+    def tick(self, static: bool = False) -> torch.Tensor:
+        """One pass for every row; rows whose token exits emit it. Returns which rows' requests ended
+        at this tick (B,). Dynamic (the default): attention over the columns in use and the LM head on
+        the emitting rows only, counted in the model's application counter. static: fixed shapes, no
+        host synchronisation and every buffer updated in place (attention over the whole buffer, the
+        LM head on every row), leaving the counter alone: the step a CUDA graph captures and replays
+        (`_cuda_graph`). Both update the rows by masks, so both emit the same tokens."""
+        if static:
+            z, exits = self._pass(self.kv.shape[-2], StaticColumnSlot)
+        else:
+            z, exits = self._pass(int(self.columns.max()) + 1, ColumnSlot)
         live = ~self.done
-        self.applied += live.sum()
-        self.h = z
-        self.passes.add_(live)  # finished rows stay at pass 0 on their last column
-        ended = self.batch[:0]
         emit = exits & live
-        if bool(emit.any()):
+        if static:
+            new = self.model.lm_head(z[:, 0]).argmax(-1)
+        else:
+            self.applied += live.sum()
+            new = torch.full_like(self.produced, self.pad)
             rows = emit.nonzero().squeeze(-1)
-            new = self.model.lm_head(z[rows, 0]).argmax(-1)
-            self.tokens[rows, self.produced[rows]] = new
-            self.counters[:3, rows] += 1  # produced, columns, positions
-            self.passes[rows] = 0
-            self.visible[rows, self.columns[rows]] = True
-            self.h = self.h.index_copy(0, rows, core.embed_tokens(new)[:, None].to(z.dtype))
-            ending = self._ended(rows, new)
-            self.done[rows] |= ending
-            ended = rows[ending]
-        return ended
-
-    def tick_static(self) -> None:
-        """The same tick with fixed shapes, no host synchronisation and every buffer updated in place:
-        attention over the whole buffer, the LM head on every row, updates by masks instead of row
-        indices. This is the step a CUDA graph captures and replays (`_cuda_graph`); it leaves
-        the application counter alone."""
-        z, exits = self._pass(self.kv.shape[-2], StaticColumnSlot)
-        emit = exits & ~self.done
-        new = self.model.lm_head(z[:, 0]).argmax(-1)
+            if len(rows):
+                new[rows] = self.model.lm_head(z[rows, 0]).argmax(-1)
         slot = self.produced.clamp_max(self.max_new - 1)[:, None]
         self.tokens.scatter_(1, slot, torch.where(emit[:, None], new[:, None], self.tokens.gather(1, slot)))
         self.counters[:3].add_(emit.long())  # produced, columns, positions
-        self.passes.add_(~self.done).masked_fill_(emit, 0)  # finished rows stay at pass 0, as in tick
+        self.passes.add_(live).masked_fill_(emit, 0)  # finished rows stay at pass 0 on their last column
         self.visible.scatter_(1, self.columns[:, None], True)
         self.h.copy_(torch.where(emit[:, None, None], self.core.embed_tokens(new)[:, None].to(z.dtype), z))
-        ending = self.produced >= self.max_new
-        if self.eos is not None:
-            ending = ending | (new == self.eos)
-        self.done |= emit & ending
+        ended = emit & self._ended(self.batch, new)
+        self.done |= ended
+        return ended
 
 
 def _cuda_graph(step):
@@ -212,7 +201,7 @@ def generate_asynchronous(model, input_ids: torch.Tensor, max_new_tokens: int,
     produced `eos_token_id` is padded with `pad_token_id` after it. `streamer` (a transformers
     streamer) gets the prompt, the first new tokens (from the prefill) and `end()`.
 
-    static: fixed-shape ticks without host synchronisation (`_Rows.tick_static`; the host checks for
+    static: fixed-shape ticks without host synchronisation (`_Rows.tick(static=True)`; the host checks for
     the end every T ticks), same tokens. cuda_graph (a CUDA device): the static tick captured once as
     a CUDA graph and replayed (one launch per tick instead of one per kernel)."""
     policy = _policy(model, exit_threshold, exit_at_step)
@@ -230,7 +219,8 @@ def generate_asynchronous(model, input_ids: torch.Tensor, max_new_tokens: int,
     step, ticks_per_check = rows.tick, 1
     if (static or cuda_graph) and not bool(rows.done.all()):
         # the host checks for the end every T ticks; ticks after every row ended change nothing
-        step, ticks_per_check = (_cuda_graph(rows.tick_static) if cuda_graph else rows.tick_static), rows.T
+        static_tick = partial(rows.tick, static=True)
+        step, ticks_per_check = (_cuda_graph(static_tick) if cuda_graph else static_tick), rows.T
     if streamer is not None:  # after the set-up (and a graph's capture): a clock on it times decoding
         streamer.put(first.cpu())
     while not bool(rows.done.all()):
@@ -282,7 +272,7 @@ def generate_continuous(model, prompts: list[torch.Tensor], max_new_tokens: int,
     for row in range(len(rows.batch)):
         finish_and_refill(row)
     while owner:  # rows whose request ended at its first token were settled by finish_and_refill
-        for row in rows.tick().tolist():
+        for row in rows.tick().nonzero().squeeze(-1).tolist():
             finish_and_refill(row)
     rows.count_applications()
     return results

@@ -24,9 +24,9 @@ from .attention import build_attention_mask, position_ids_from_mask
 from .cache import CacheSlot, LoopCache
 from .compat import CACHE_NAME, cache_argument, output_cache
 from .config import OBJECTIVES, LoopLMConfig
-from .exits import ExitPolicy, exit_distribution, exit_entropy, resolve_exit_policy, select_exit_steps
+from .exits import ExitPolicy, exit_distribution, resolve_exit_policy, select_exit_steps
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
-from .objectives import fused_exit_ce, shift_labels, stage1_loss, stage2_gate_loss, token_cross_entropy
+from .objectives import IGNORE_INDEX, fused_exit_ce, shift_labels, stage1_loss, stage2_gate_loss, token_cross_entropy
 from .remote_code import write_remote_code
 
 
@@ -270,13 +270,13 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         )
 
     def _loss(self, hiddens, gate_logits, targets, objective, entropy_beta, num_items_in_batch):
-        mask = targets != -100
+        mask = targets != IGNORE_INDEX
         chunk = self.config.ce_chunk_size
         if objective == "stage1" and self.config.loss_implementation == "fused" and torch.is_grad_enabled():
             p = exit_distribution(gate_logits)
             normalizer = mask.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch
             expected_ce, step_ce = fused_exit_ce(hiddens, self.lm_head.weight, targets, p, normalizer, chunk)
-            loss = expected_ce - entropy_beta * (exit_entropy(p) * mask).sum() / normalizer
+            loss = stage1_loss(None, gate_logits, mask, entropy_beta, normalizer, expected_ce=expected_ce)
         elif objective == "stage1":
             step_ce = torch.stack([token_cross_entropy(h, self.lm_head.weight, targets, chunk) for h in hiddens], -1)
             loss = stage1_loss(step_ce, gate_logits, mask, entropy_beta, num_items_in_batch)

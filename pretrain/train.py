@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from looplm.objectives import IGNORE_INDEX
 from runtime import checkpoint, lock
 from runtime.config import ConfigError
 from runtime.distributed import init_distributed, is_rank0, rank_errors, shared_out, shutdown_distributed
@@ -28,7 +29,7 @@ from .config import check_head_split, load_config, validate
 from .data import BlendedDataset, DataError, IndexedDataset, PackedDataset, RankBatchSampler, Tokenizer, build_loader, parse_blend
 from .data.synthetic import prepare_default_corpus, read_eval
 from .engine import build_engine, build_model, entropy_beta
-from .evaluate import task_accuracy, validation_loss
+from .validation import task_accuracy, validation_loss
 from .metrics import LossGuard, MetricsLogger, flops_per_token
 from .parallel import SequenceParallel, targets_of
 
@@ -291,7 +292,7 @@ class Trainer(TrainLoop):
         if self.sp is not None:  # this rank's slice of each sequence (+ the whole sequence's attention mask)
             micro = [self.sp.shard(b) for b in micro]
         beta = entropy_beta(self.state.step, cfg, self.base_beta)
-        targets = torch.tensor(float(sum(int((targets_of(b) != -100).sum()) for b in micro)), device=device)
+        targets = torch.tensor(float(sum(int((targets_of(b) != IGNORE_INDEX).sum()) for b in micro)), device=device)
         dist.all_reduce(targets)
         targets /= self.replicas
         # DeepSpeed divides by accum and averages over the data-parallel ranks (summing over a sequence-
@@ -308,7 +309,7 @@ class Trainer(TrainLoop):
             loss = out.loss
             for hook in self.hooks:
                 loss = hook.loss(self, loss)
-            stats.add(out, loss, targets_of(batch) != -100)
+            stats.add(out, loss, targets_of(batch) != IGNORE_INDEX)
             if i == accum - 1:  # decide on the update before DeepSpeed steps the optimizer
                 stats.preempt += float(self.preemption.requested)
                 stats.all_reduce()

@@ -1,5 +1,7 @@
 """KV cache per (pass, layer), sharing modes, early exit that skips compute, batched generation."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -287,7 +289,8 @@ def test_static_decode_step_traces_as_one_graph():
     for compiled in (False, True):
         rows = _Rows(model, 3, 5 + 6, 6, _policy(model, 0.5, None), None, 0, kv.dtype, ids.device)
         rows.admit(rows.batch, kv, torch.ones_like(ids), first)
-        step = torch.compile(rows.tick_static, backend="eager", fullgraph=True) if compiled else rows.tick_static
+        static_tick = partial(rows.tick, static=True)
+        step = torch.compile(static_tick, backend="eager", fullgraph=True) if compiled else static_tick
         for _ in range(12):
             step()
         states.append((rows.tokens.clone(), rows.produced.clone(), rows.passes.clone()))

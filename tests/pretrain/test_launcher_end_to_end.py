@@ -33,7 +33,7 @@ def test_a_parallel_smoke_job_runs_to_the_end_with_its_final_evaluation(corpus, 
     from looplm import LoopLMForCausalLM
     from pretrain.config import load_config
     from pretrain.data import RankBatchSampler, build_loader
-    from pretrain.evaluate import task_accuracy, validation_loss
+    from pretrain.validation import task_accuracy, validation_loss
     from pretrain.train import build_data
 
     init_single_process()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.make_task import TASKS_DIR, write_task
+from lm_eval_tasks.make_task import TASKS_DIR, write_task
 from helpers.training import base_overrides, run_in_process
 from pretrain.data.synthetic import exact_match, first_word, read_eval
 from pretrain.data.tokenizer import Tokenizer

@@ -1,8 +1,8 @@
 """lm-evaluation-harness tasks over local held-out files: one looplm_<task>.yaml per eval_<task>.jsonl.
 
-    python -m evaluation.make_task --eval runs/smoke/data/eval_mano.jsonl runs/smoke/data/eval_multihop.jsonl
+    python -m lm_eval_tasks.make_task --eval runs/smoke/data/eval_mano.jsonl runs/smoke/data/eval_multihop.jsonl
     lm_eval --model hf --model_args pretrained=runs/smoke/hf,trust_remote_code=True \
-        --tasks looplm_mano,looplm_multihop --include_path evaluation/tasks --device cpu --batch_size 1
+        --tasks looplm_mano,looplm_multihop --include_path lm_eval_tasks/tasks --device cpu --batch_size 1
 
 Each written YAML includes tasks/_looplm_template_yaml (greedy generation, exact match of the first
 word) and names its data file by absolute path, so lm_eval reads it from any working directory. Only
@@ -59,7 +59,7 @@ def write_task(eval_file: str | Path, out_dir: str | Path = TASKS_DIR) -> Path:
     include = TEMPLATE.name if out_dir == TASKS_DIR else str(TEMPLATE)
     path = out_dir / f"{name}.yaml"
     # JSON strings are valid YAML scalars: any path is quoted correctly
-    path.write_text(f"# written by python -m evaluation.make_task from {eval_file.name}\n"
+    path.write_text(f"# written by python -m lm_eval_tasks.make_task from {eval_file.name}\n"
                     f"include: {json.dumps(include)}\n"
                     f"task: {name}\n"
                     f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(eval_file))}\n", encoding="utf-8")

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from looplm import left_pad
+from looplm.objectives import IGNORE_INDEX
 
 from .data.synthetic import exact_match, first_word
 
@@ -17,7 +18,7 @@ def validation_loss(model, loader_batches, device) -> list[float] | None:
     for batch in loader_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch, use_cache=False, compute_logits=False)
-        n = (batch["labels"][:, 1:] != -100).sum()
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         part = torch.cat([out.step_losses.double() * n, n.double()[None]])
         sums = part if sums is None else sums + part
     if sums is None:
