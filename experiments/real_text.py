@@ -33,6 +33,7 @@ Results: experiments/results/real_text[_quick].json and PNGs beside it.
 import argparse
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ K, T = 2, 4
 ARCHS = {f"{K}x1": (K, 1), f"{K}x{T}": (K, T), f"{K * T}x1": (K * T, 1)}  # name: (layers, passes)
 VOCAB = 4096
 QS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+TARGET_LOSSES = (4.5, 4.2, 4.1)  # validation CE (last pass) whose time-to-reach each run records
 PROMPTS = ("KING.\nWhat news", "Enter a Messenger.\n\nMESSENGER.\n", "Shall I")
 
 
@@ -197,6 +199,7 @@ class Suite:
                  "final_exit_probs": final_exit_probs(run),
                  "overrides": {k: v for k, v in run.overrides.items() if not k.startswith(("data.", "train.output"))}}
         entry["seconds"] = round(time.time() - start, 1)
+        entry["throughput"] = throughput(run)
         self.runs[run.name] = entry
         self.save()
         print(f"[{run.name}] validation CE {entry['valid_loss']:.4f} ({entry['seconds']:.0f} s)", flush=True)
@@ -235,6 +238,9 @@ class Suite:
             for run in runs:
                 self.train(run)
                 self.test_record(run, full=arch == looped)
+                entry = self.runs[run.name]
+                if "throughput" not in entry and (Path(run.overrides["train.output_dir"]) / "metrics.jsonl").exists():
+                    entry["throughput"] = throughput(run)  # a run recorded before runs kept their speed
         steps = self.scale.steps * longer
         if self.results.get("test", {"steps": steps}).get("steps", self.scale.steps) != steps:  # another length
             earlier = self.results.pop("test")
@@ -331,6 +337,25 @@ class Suite:
         return out
 
 
+def throughput(run: Run, targets=TARGET_LOSSES) -> dict:
+    """The run's speed from its metrics.jsonl (the last launch in it, when a killed run was started
+    again): the median tokens/s over its steps (all ranks, and per rank; evaluation not counted), its
+    wall time from the end of step 1 to the last record, and the wall time until the trainer's
+    validation CE of the last pass first reached each target (None: not reached)."""
+    from pretrain.config import load_config
+
+    ranks = load_config(REPO / run.config, run.override_list()).launch.gpus_per_node
+    records = [json.loads(line) for line in (Path(run.overrides["train.output_dir"]) / "metrics.jsonl").open()]
+    records = records[max(i for i, r in enumerate(records) if r.get("step") == 1 and "tokens_per_s" in r):]
+    rate = statistics.median(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
+    start = records[0]["time"]
+    valid = [r for r in records if "valid_loss_per_pass" in r]
+    reach = {str(x): next((round(r["time"] - start, 1) for r in valid if r["valid_loss_per_pass"][-1] <= x), None)
+             for x in targets}
+    return {"ranks": ranks, "tokens_per_s": round(rate), "tokens_per_s_per_rank": round(rate / ranks),
+            "wall_seconds": round(records[-1]["time"] - start, 1), "seconds_to_valid_loss": reach}
+
+
 def final_exit_probs(run: Run) -> list:
     """The exit distribution of the run's last training step (the trainer's batch mean)."""
     records = [json.loads(line) for line in (Path(run.overrides["train.output_dir"]) / "metrics.jsonl").open()]
@@ -393,6 +418,17 @@ def headline(test: dict) -> dict:
             "looped_minus_iso_flop_test_loss": diff(f"{K * T}x1")}
 
 
+def final_runs(results: dict, arch: str) -> list[dict]:
+    """The final runs of `arch` in the results (every seed at its chosen LR, the chosen objective and
+    length, no stage II)."""
+    sel = results["selection"]
+    lr, objective = sel[arch]["best_lr"], sel["looped_objective"]["chosen"]
+    steps = results.get("test", {}).get("steps", results["scale"]["steps"])
+    return [r for r in results["runs"].values() if r["arch"] == arch and r["lr"] == lr
+            and r["objective"] == (objective if r["loops"] > 1 else "last_pass")
+            and r["overrides"]["train.max_steps"] == steps]
+
+
 def report(results: dict) -> str:
     lines = []
     selection = dict(results.get("selection", {}))
@@ -435,6 +471,22 @@ def report(results: dict) -> str:
                           " ".join(f"q{f['q']}:{f['ppl']:.2f}@{f['passes']:.2f}" for f in g["test"])]
                 lines += ["", f"{arch} depth extrapolation (test CE at 1..{2 * T} passes): " +
                           " ".join(f"{r['num_steps']}:{r['loss']:.3f}" for r in e["extrapolation"])]
+        lines += ["", "Training speed of the final runs (median over seeds; time from the end of step 1):", "",
+                  "| model | seeds | tokens/s per rank | wall time | " +
+                  " | ".join(f"to valid CE {x}" for x in TARGET_LOSSES) + " |", "|---" * (4 + len(TARGET_LOSSES)) + "|"]
+        for arch in (a for a in ARCHS if a in test["archs"]):
+            speeds = [r["throughput"] for r in final_runs(results, arch) if "throughput" in r]
+            if not speeds:
+                continue
+
+            def med(values):
+                values = [v for v in values if v is not None]
+                return statistics.median(values) if values else None
+
+            reached = [med(s["seconds_to_valid_loss"][str(x)] for s in speeds) for x in TARGET_LOSSES]
+            cells = ["not reached" if t is None else f"{t:.0f} s" for t in reached]
+            lines.append(f"| {arch} | {len(speeds)} | {med(s['tokens_per_s_per_rank'] for s in speeds):,.0f} | "
+                         f"{med(s['wall_seconds'] for s in speeds):.0f} s | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

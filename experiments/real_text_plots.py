@@ -7,22 +7,12 @@ import math
 from pathlib import Path
 
 from experiments.ouro_plots import _plt, _save
+from experiments.real_text import final_runs
 
 
 def _unigram(ax, test, ppl=False):
     h = test["unigram_entropy"]
     ax.axhline(math.exp(h) if ppl else h, color="gray", ls=":", lw=1, label="unigram (context-free) baseline")
-
-
-def _chosen_runs(results, arch):
-    """The final runs of `arch` (every seed at its chosen LR, the chosen objective and length, no stage II)."""
-    sel = results["selection"]
-    lr = sel[arch]["best_lr"]
-    objective = sel["looped_objective"]["chosen"]
-    steps = results.get("test", {}).get("steps", results["scale"]["steps"])  # the final runs' length
-    return [r for r in results["runs"].values() if r["arch"] == arch and r["lr"] == lr
-            and r["objective"] == (objective if r["loops"] > 1 else "last_pass")
-            and r["overrides"]["train.max_steps"] == steps]
 
 
 def plot_all(results: dict, out_dir: Path, tag: str) -> None:
@@ -51,7 +41,7 @@ def plot_all(results: dict, out_dir: Path, tag: str) -> None:
                 title="test loss per pass (95% CI over seeds and windows)")
     pass_ax.legend(fontsize=7)
     for i, arch in enumerate(archs):
-        for r in _chosen_runs(results, arch):
+        for r in final_runs(results, arch):
             c = r["curves"]
             curve_ax.plot(c["valid_step"], [v[-1] for v in c["valid_loss_per_pass"]], color=f"C{i}", alpha=0.8,
                           label=f"{arch} (LR {r['lr']:g})" if r["seed"] == 1 else None)

@@ -159,3 +159,26 @@ def test_test_tables_from_the_kept_records_match_the_models(data, monkeypatch):
         assert row["loss"] == pytest.approx(sum(mean_loss(d["per_pass"][:, n - 1], d["count"]) for d in deep) / 2, rel=1e-5)
     assert set(out["archs"][looped]["samples"]) == set(rt.PROMPTS)
     assert len(out["archs"][base]["per_window_last"]) == 2 and len(out["archs"][base]["per_window_last"][0]) == 6
+
+
+def test_throughput_reads_the_last_launch_of_a_run(data, tmp_path):
+    """Tokens/s (median over steps, per rank from the config's 2 ranks), wall time and the time to each
+    validation target come from the run's metrics.jsonl; a killed run's earlier launch is not counted."""
+    import json
+
+    from experiments.real_text import throughput
+
+    root, folder = data
+    run = make_run(tmp_path, folder, QUICK, f"{K}x{T}", 1e-3, 1)
+    out = tmp_path / "runs" / run.name
+    out.mkdir(parents=True)
+    killed = [{"time": 0.0, "step": 1, "tokens_per_s": 1.0}, {"time": 5.0, "step": 2, "tokens_per_s": 1.0}]
+    launch = [{"time": 100.0, "step": 1, "tokens_per_s": 4000.0}, {"time": 101.0, "step": 2, "tokens_per_s": 3000.0},
+              {"time": 102.0, "step": 3, "tokens_per_s": 5000.0}, {"time": 110.0, "step": 3, "valid_loss_per_pass": [4.6, 4.4]},
+              {"time": 130.0, "step": 4, "tokens_per_s": 4200.0}, {"time": 140.0, "step": 4, "valid_loss_per_pass": [4.3, 4.15]}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in killed + launch))
+    got = throughput(run, targets=(4.5, 4.2, 4.1))
+    assert got["ranks"] == config(run).launch.gpus_per_node == 2
+    assert got["tokens_per_s"] == 4100 and got["tokens_per_s_per_rank"] == 2050  # median of 4000, 3000, 5000, 4200
+    assert got["wall_seconds"] == 40.0
+    assert got["seconds_to_valid_loss"] == {"4.5": 10.0, "4.2": 40.0, "4.1": None}  # the last pass's CE decides
