@@ -5,14 +5,18 @@
    stopping half-way (train.exit_at_step) and resuming from the checkpoint;
 3. export the last checkpoint to a Hugging Face folder (Ouro format);
 4. load it and generate with early exit; print a summary (loss per pass, exit distribution,
-   held-out accuracy per exit depth, tokens/s, compute saved by early exit).
+   held-out accuracy per exit depth, tokens/s, compute saved by early exit) and write it to
+   `<output_dir>/summary.json` (the committed `experiments/results/smoke.json` is a copy).
 """
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -83,26 +87,43 @@ def main(argv=None):
             acc[task] = exact_match(completions, [a for _, a in items])
         rows.append((name, acc, used))
 
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs", "torch": torch.__version__, "config": args.config, "overrides": args.overrides,
+        "steps": last["step"], "tokens_seen": last["tokens_seen"],
+        "tokens_per_s": sum(r["tokens_per_s"] for r in train_records[1:]) / max(len(train_records) - 1, 1),
+        "final_loss": last["loss"], "ce_per_pass": last["loss_per_pass"], "exit_distribution": last["exit_probs"],
+        "valid_ce_per_pass": final_eval.get("valid_loss_per_pass"),
+        "heldout_accuracy": {task: {k.split("@")[1]: v for k, v in sorted(final_eval["accuracy"].items())
+                                    if k.startswith(task)} for task in ("mano", "multihop")},
+        "majority_baseline": {task: max(map(answers.count, set(answers))) / len(answers)
+                              for task, answers in ((t, [a for _, a in read_eval(files[t])]) for t in ("mano", "multihop"))},
+        "generate": [{"policy": name, "accuracy": acc, "layer_applications": used,
+                      "share_of_full_depth": used / max(rows[0][2], 1)} for name, acc, used in rows],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary)
+    print(f"(also in {(out / 'summary.json').relative_to(REPO)})")
+
+
+def print_summary(s: dict) -> None:
     print("\n== summary")
-    print(f"steps {last['step']}, tokens seen {last['tokens_seen']:,}, "
-          f"training throughput {sum(r['tokens_per_s'] for r in train_records[1:]) / max(len(train_records) - 1, 1):,.0f}"
+    print(f"steps {s['steps']}, tokens seen {s['tokens_seen']:,}, training throughput {s['tokens_per_s']:,.0f}"
           " tokens/s (2 CPU ranks)")
-    print(f"final loss {last['loss']:.4f}; CE per pass [" + " ".join(f"{x:.3f}" for x in last["loss_per_pass"]) + "]")
-    print("mean exit distribution over passes [" + " ".join(f"{x:.3f}" for x in last["exit_probs"]) + "]")
-    valid = final_eval.get("valid_loss_per_pass")
+    print(f"final loss {s['final_loss']:.4f}; CE per pass [" + " ".join(f"{x:.3f}" for x in s["ce_per_pass"]) + "]")
+    print("mean exit distribution over passes [" + " ".join(f"{x:.3f}" for x in s["exit_distribution"]) + "]")
+    valid = s["valid_ce_per_pass"]
     print("validation CE per pass " + ("[" + " ".join(f"{x:.3f}" for x in valid) + "]" if valid else
                                        ": none (the validation split is smaller than one batch; see the warning)"))
     print("held-out exact match by exit depth (pass 1..T, and the learned gate at q=config), against the\n"
           "majority baseline (always answering the most frequent held-out answer):")
-    for task in ("mano", "multihop"):
-        cells = " ".join(f"{k.split('@')[1]}:{v:.2f}" for k, v in sorted(final_eval["accuracy"].items())
-                         if k.startswith(task))
-        answers = [a for _, a in read_eval(files[task])]
-        print(f"  {task:9s} {cells}   (baseline {max(map(answers.count, set(answers))) / len(answers):.2f})")
-    full = rows[0][2]
-    for name, acc, used in rows:
-        print(f"generate ({name}): accuracy mano {acc['mano']:.2f}, multihop {acc['multihop']:.2f}; decode "
-              f"layer applications {used} ({used / max(full, 1):.0%} of full depth)")
+    for task, accuracy in s["heldout_accuracy"].items():
+        cells = " ".join(f"{k}:{v:.2f}" for k, v in accuracy.items())
+        print(f"  {task:9s} {cells}   (baseline {s['majority_baseline'][task]:.2f})")
+    for row in s["generate"]:
+        print(f"generate ({row['policy']}): accuracy mano {row['accuracy']['mano']:.2f}, multihop "
+              f"{row['accuracy']['multihop']:.2f}; decode layer applications {row['layer_applications']} "
+              f"({row['share_of_full_depth']:.0%} of full depth)")
 
 
 if __name__ == "__main__":

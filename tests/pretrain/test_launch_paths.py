@@ -76,3 +76,7 @@ def test_the_smoke_driver_runs_its_workflow_shortened(tmp_path):
     summary = proc.stdout.split("== summary", 1)[1]
     assert f"final loss {last['loss']:.4f}" in summary  # the summary reports the run's own records
     assert "generate (full depth)" in summary and "generate (early exit q=0.6)" in summary
+    kept = json.loads((out / "summary.json").read_text())  # the same summary as a file (a result file's source)
+    assert kept["steps"] == 6 and kept["final_loss"] == last["loss"] and kept["ce_per_pass"] == last["loss_per_pass"]
+    assert [row["policy"] for row in kept["generate"]] == ["full depth", "early exit q=0.6"]
+    assert kept["generate"][0]["share_of_full_depth"] == 1.0
