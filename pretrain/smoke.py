@@ -103,7 +103,7 @@ def main(argv=None):
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary)
-    print(f"(also in {(out / 'summary.json').relative_to(REPO)})")
+    print(f"(also in {Path(cfg.train.output_dir) / 'summary.json'})")
 
 
 def print_summary(s: dict) -> None:
