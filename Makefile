@@ -34,7 +34,8 @@ test: $(STAMP)
 # LOOPLM_REQUIRE_LM_EVAL makes the test fail instead of skipping when the harness is missing.
 EVAL_VENV := .venv-eval
 LM_EVAL := lm_eval[hf]==0.4.13
-$(EVAL_VENV)/.installed: requirements.txt requirements.lock pyproject.toml
+EVAL_STAMP := $(EVAL_VENV)/.installed-$(subst [hf]==,-,$(LM_EVAL))
+$(EVAL_STAMP): requirements.txt requirements.lock pyproject.toml
 	rm -rf $(EVAL_VENV)
 	$(PYTHON) -m venv $(EVAL_VENV)
 	$(EVAL_VENV)/bin/python -m pip install -q -r requirements.txt
@@ -42,7 +43,7 @@ $(EVAL_VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	$(EVAL_VENV)/bin/python -m pip check
 	touch $@
 
-test-lm-eval: $(EVAL_VENV)/.installed
+test-lm-eval: $(EVAL_STAMP)
 	LOOPLM_REQUIRE_LM_EVAL=1 $(EVAL_VENV)/bin/python -m pytest tests/pretrain/test_lm_eval.py
 
 bench: $(STAMP)

@@ -234,14 +234,21 @@ class Suite:
         if objective == "last_pass":  # the gate of each looped seed: stage II (the LM, hence every loss per pass, unchanged)
             final[looped] = [make_run(self.root, self.data, self.scale, looped, best[looped], s, objective, stage2=True,
                                       longer=longer) for s in self.scale.seeds]
+        steps = self.scale.steps * longer
+        scored = self.results.get("test", {}).get("steps") == steps
         for arch, runs in final.items():  # each final run scored on test as soon as it is trained
             for run in runs:
+                if "model.init_from" in run.overrides and not (scored and run.name in self.runs):
+                    base = make_run(self.root, self.data, self.scale, looped, best[looped], run.meta["seed"],
+                                    objective, longer=longer)  # stage II reads its LM: trained (again) first
+                    self.train(base)
+                    self.checkpoint(base)
                 self.train(run)
-                self.test_record(run, full=arch == looped)
+                if not scored:
+                    self.test_record(run, full=arch == looped)
                 entry = self.runs[run.name]
                 if "throughput" not in entry and (Path(run.overrides["train.output_dir"]) / "metrics.jsonl").exists():
                     entry["throughput"] = throughput(run)  # a run recorded before runs kept their speed
-        steps = self.scale.steps * longer
         if self.results.get("test", {"steps": steps}).get("steps", self.scale.steps) != steps:  # another length
             earlier = self.results.pop("test")
             self.results.setdefault("earlier_tests", []).append(
@@ -332,14 +339,14 @@ class Suite:
                 entry["extrapolation"] = [{"num_steps": n, "loss": sum(r["deep"]["sums"][n - 1] / r["deep"]["count"]
                                                                        for r in recs) / len(recs)}
                                           for n in range(1, 2 * loops + 1)]
-                entry["samples"] = next(r["samples"] for r in recs if "samples" in r)
+                entry["samples"] = next((r["samples"] for r in recs if "samples" in r), {})
             out["archs"][arch] = entry
         return out
 
 
 def throughput(run: Run, targets=TARGET_LOSSES) -> dict:
-    """The run's speed from its metrics.jsonl (the last launch in it, when a killed run was started
-    again): the median tokens/s over its steps (all ranks, and per rank; evaluation not counted), its
+    """The run's speed from its metrics.jsonl (from its last launch that began at step 1, when a killed
+    run was started again from scratch): the median tokens/s over its steps (all ranks, and per rank; evaluation not counted), its
     wall time from the end of step 1 to the last record, and the wall time until the trainer's
     validation CE of the last pass first reached each target (None: not reached)."""
     from pretrain.config import load_config

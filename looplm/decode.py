@@ -161,7 +161,7 @@ class _Rows:
             new = self.model.lm_head(z[:, 0]).argmax(-1)
         else:
             self.applied += live.sum()
-            new = torch.full_like(self.produced, self.pad)
+            new = torch.zeros_like(self.produced)  # any valid id: read only where a row emits
             rows = emit.nonzero().squeeze(-1)
             if len(rows):
                 new[rows] = self.model.lm_head(z[rows, 0]).argmax(-1)

@@ -46,7 +46,7 @@ def main(argv=None):
     cfg = load_config(REPO / args.config, args.overrides)
     out = REPO / cfg.train.output_dir
     corpus = REPO / cfg.data.default_corpus_dir
-    for stale in (out / "checkpoints", out / "metrics.jsonl", out / "hf"):  # a fresh run each time (data kept)
+    for stale in (out / "checkpoints", out / "metrics.jsonl", out / "hf", out / "summary.json"):  # a fresh run each time (data kept)
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     print("== 1. data: the embedded synthetic corpus", flush=True)

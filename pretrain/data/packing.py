@@ -10,10 +10,10 @@ is masked (-100): it must not be predicted from the previous document.
 
 import numpy as np
 
+from looplm.objectives import IGNORE_INDEX
+
 from .errors import DataError
 from .indexed import IndexedDataset
-
-IGNORE_INDEX = -100
 
 
 def _mix(x: np.ndarray, seed: int) -> np.ndarray:

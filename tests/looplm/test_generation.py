@@ -205,6 +205,15 @@ def test_pass_asynchronous_decoding_stops_rows_at_eos_like_generate():
     width = expected.shape[1]  # generate stops once every row has ended; the rest is padding
     assert torch.equal(out[:, :width], expected) and (out[:, width:] == 0).all()
     assert (out[1, 6 + 4:] == 0).all()
+    want = out.clone()  # a pad id outside the vocabulary only fills what follows a row's end of sequence
+    for row, tokens in enumerate(out[:, 6:]):
+        ends = (tokens == eos).nonzero()
+        if len(ends):
+            want[row, 6 + int(ends[0]) + 1:] = -1
+    for static in (False, True):
+        padded = generate_asynchronous(model, ids, 10, exit_threshold=0.5, eos_token_id=eos, pad_token_id=-1,
+                                       static=static)
+        assert torch.equal(padded, want)
 
 
 def test_pass_asynchronous_decoding_rejects_a_policy_it_cannot_run():
