@@ -276,7 +276,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             p = exit_distribution(gate_logits)
             normalizer = mask.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch
             expected_ce, step_ce = fused_exit_ce(hiddens, self.lm_head.weight, targets, p, normalizer, chunk)
-            loss = stage1_loss(None, gate_logits, mask, entropy_beta, normalizer, expected_ce=expected_ce)
+            loss = stage1_loss(None, gate_logits, mask, entropy_beta, normalizer, expected_ce=expected_ce, exit_probs=p)
         elif objective == "stage1":
             step_ce = torch.stack([token_cross_entropy(h, self.lm_head.weight, targets, chunk) for h in hiddens], -1)
             loss = stage1_loss(step_ce, gate_logits, mask, entropy_beta, num_items_in_batch)

@@ -129,16 +129,19 @@ def fused_exit_ce(hiddens: list[torch.Tensor], weight: torch.Tensor, targets: to
 
 
 def stage1_loss(step_ce: torch.Tensor | None, gate_logits: torch.Tensor, mask: torch.Tensor, beta: float,
-                normalizer: float | torch.Tensor | None = None, expected_ce: torch.Tensor | None = None) -> torch.Tensor:
+                normalizer: float | torch.Tensor | None = None, expected_ce: torch.Tensor | None = None,
+                exit_probs: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy-regularised expected loss.
 
     step_ce: (B, S, T) per-token CE of each pass; gate_logits: (B, S, T); mask: (B, S) bool target
     positions. Returns sum over targets of [sum_t p_t CE_t - beta H(p)] divided by `normalizer`
     (default: the number of targets; pass the global count for exact gradient accumulation).
     expected_ce: the first term already summed and divided by the normalizer, as the fused kernel
-    (`fused_exit_ce`) computes it with its gradients; step_ce is then not read.
+    (`fused_exit_ce`) computes it with its gradients; step_ce is then not read. exit_probs: the exit
+    distribution of gate_logits when already computed (the fused kernel's input), so that both terms'
+    gradients reach the gate through the same node.
     """
-    p = exit_distribution(gate_logits)
+    p = exit_distribution(gate_logits) if exit_probs is None else exit_probs
     normalizer = mask.sum().clamp_min(1) if normalizer is None else normalizer
     if expected_ce is None:
         expected_ce = ((p * step_ce).sum(-1) * mask).sum() / normalizer
