@@ -6,7 +6,7 @@
 3. export the last checkpoint to a Hugging Face folder (Ouro format);
 4. load it and generate with early exit; print a summary (loss per pass, exit distribution,
    held-out accuracy per exit depth, tokens/s, compute saved by early exit) and write it to
-   `<output_dir>/summary.json` (the committed `experiments/results/smoke.json` is a copy).
+   `<output_dir>/summary.json` (`experiments/results/smoke.json` is the committed copy of one).
 """
 
 import argparse
