@@ -174,6 +174,7 @@ class Suite:
         self.reasoner = self.pretrain(self.root / "reasoner",
                                       [f"train.max_steps={s.reasoner_steps}"] if s.reasoner_steps else [])
         self.choices["reasoner_valid_accuracy"] = self.valid_accuracy("vanilla", "vanilla")
+        self.save()
         print("== 3. SFT: the weaver and the controls", flush=True)
         sft = {(m, seed): self.sft(m, seed) for seed in s.seeds for m in METHODS}
         cost = sft_cost(self.files["gsm_train"], self.reasoner, s.sft_steps, 8, 8, 5)
@@ -186,6 +187,7 @@ class Suite:
                 f"more_training_s{seed}", "vanilla", reasoner=folder)
         control = max(CONTROLS, key=lambda c: self.control_valid_accuracy(c))
         self.choices["strongest_control_on_valid"] = control
+        self.save()  # each stage's choices land in the results file as the stage ends
         print("== 4. trigger and GRPO", flush=True)
         trigger = {seed: self.posttrain("configs/posttrain_sft.yaml", self.root / f"trigger_s{seed}", [
             "train.mode=trigger", "trigger.policy=learned", f"weaver.init_from={sft['weaver', seed]}", "train.lr=0.001",
@@ -197,6 +199,7 @@ class Suite:
                     sum(self.sft_valid_accuracy("weaver", seed) for seed in s.seeds))
         self.choices["ltpo_starts_from"] = "grpo" if use_grpo else "weaver"
         final = {seed: grpo[seed] if use_grpo else sft["weaver", seed] for seed in s.seeds}
+        self.save()
         print("== 5. correctness heads", flush=True)
         first = s.seeds[0]  # every draft length for the first seed (the choice), the chosen one for the others
         self.diagnose(final[first], {d: self.head(final[first], first, d) for d in DRAFTS}, grpo[first])
