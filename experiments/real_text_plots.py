@@ -20,7 +20,7 @@ def plot_all(results: dict, out_dir: Path, tag: str) -> None:
     if not test:
         return
     plt = _plt()
-    archs = [a for a in results["selection"] if a != "looped_objective"]
+    archs = [a for a, s in results["selection"].items() if "lr_grid" in s]  # the LR-selected architectures
 
     fig, (pass_ax, curve_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (key, e) in enumerate(test["archs"].items()):

@@ -182,3 +182,21 @@ def test_throughput_reads_the_last_launch_of_a_run(data, tmp_path):
     assert got["tokens_per_s"] == 4100 and got["tokens_per_s_per_rank"] == 2050  # median of 4000, 3000, 5000, 4200
     assert got["wall_seconds"] == 40.0
     assert got["seconds_to_valid_loss"] == {"4.5": 10.0, "4.2": 40.0, "4.1": None}  # the last pass's CE decides
+
+
+def test_the_plots_draw_from_the_committed_results_file(tmp_path):
+    """Every figure of the report is drawn from the committed results file alone (its selection holds
+    the objective and length choices beside the LR-selected architectures); the curves plotted are
+    those of the final runs, one per seed and architecture."""
+    import json
+
+    from experiments.real_text import final_runs
+    from experiments.real_text_plots import plot_all
+
+    results = json.loads((REPO / "experiments" / "results" / "real_text.json").read_text())
+    if "test" not in results:
+        pytest.skip("the committed results file has no test table yet")
+    for arch in ARCHS:
+        assert {r["seed"] for r in final_runs(results, arch)} == {1, 2, 3}
+    plot_all(results, tmp_path, "t")
+    assert {p.name for p in tmp_path.glob("*.png")} == {f"t_{n}.png" for n in ("loss", "exits", "training", "length")}
