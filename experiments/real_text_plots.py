@@ -10,9 +10,14 @@ from experiments.ouro_plots import _plt, _save
 from experiments.real_text import final_runs
 
 
-def _unigram(ax, test, ppl=False):
-    h = test["unigram_entropy"]
-    ax.axhline(math.exp(h) if ppl else h, color="gray", ls=":", lw=1, label="unigram (context-free) baseline")
+def _unigram(ax, test, ppl=False, zoomed=False):
+    """The unigram baseline as a line; on an axis `zoomed` below it, as a note at the top."""
+    h = math.exp(test["unigram_entropy"]) if ppl else test["unigram_entropy"]
+    if not zoomed or h <= ax.get_ylim()[1]:
+        ax.axhline(h, color="gray", ls=":", lw=1, label="unigram (context-free) baseline")
+    else:
+        ax.annotate(f"unigram (context-free) baseline: {h:.3g}{'' if ppl else ' nats'}, above the chart",
+                    xy=(0.02, 0.97), xycoords="axes fraction", va="top", fontsize=7, color="gray")
 
 
 def plot_all(results: dict, out_dir: Path, tag: str) -> None:
@@ -34,9 +39,10 @@ def plot_all(results: dict, out_dir: Path, tag: str) -> None:
                          yerr=[[m - c[0] for m, c in zip(e["per_pass"], e["per_pass_ci95"])],
                                [c[1] - m for m, c in zip(e["per_pass"], e["per_pass_ci95"])]],
                          label=f"{key} ({n_seeds} seed{'s' if n_seeds > 1 else ''})")
-    _unigram(pass_ax, test)
-    low = min(min(e["per_pass"]) for e in test["archs"].values())
-    pass_ax.set(ylim=(low - 0.05, test["unigram_entropy"] + 0.3))  # a last-pass-only model's pass 1 is off the chart
+    low = min(c[0] for e in test["archs"].values() for c in e["per_pass_ci95"])
+    high = max(c[1] for e in test["archs"].values() for c in e["per_pass_ci95"])
+    pass_ax.set(ylim=(low - 0.03, min(high + 0.05, test["unigram_entropy"] + 0.3)))  # zoomed on the models
+    _unigram(pass_ax, test, zoomed=True)
     pass_ax.set(xlabel="pass", ylabel="test CE (nats/token)", xticks=range(1, results["T"] + 1),
                 title="test loss per pass (95% CI over seeds and windows)")
     pass_ax.legend(fontsize=7)
