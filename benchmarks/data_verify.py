@@ -1,7 +1,7 @@
 """What verifying data costs (not a test): seconds to check 1 GiB of .bin blocks against the index,
 and the `data.verify: sample` default on a large data set, extrapolated from the measured speed.
 
-    python benchmarks/data_verify.py [--gib 1] [--repeats 3]
+    python benchmarks/data_verify.py [--gib 1] [--repeats 3] > benchmarks/results/data_verify.json
 
 Writes a random token file of --gib GiB (uint16) with its index, then times, in alternation:
 `verify_blocks` over every block (SHA-256, what `data.verify: full` does at start), the whole-file
@@ -10,6 +10,8 @@ the page cache (just written); from a cold disk the read speed of the storage bo
 """
 
 import argparse
+import datetime
+import json
 import statistics
 import tempfile
 import time
@@ -51,15 +53,13 @@ def main():
             sha.append(timed(ds.verify) / gib)
     per_gib = statistics.median(blocks)
     sample_gib = defaults.verify_blocks * BLOCK_BYTES / 2**30
-    print(f"{gib:.2f} GiB in {len(every)} blocks of {BLOCK_BYTES >> 20} MiB, {args.repeats} alternating repeats")
-    print("| check | s / GiB (min) | s / GiB (median) |")
-    print("|---|---|---|")
-    print(f"| block checksums (SHA-256 per 64 MiB block), data.verify: full | {min(blocks):.2f} | {per_gib:.2f} |")
-    print(f"| whole-file SHA-256 + offsets (inspect --verify) | {min(sha):.2f} | {statistics.median(sha):.2f} |")
-    print(f"data.verify: sample (default {defaults.verify_blocks} blocks = {sample_gib:.2f} GiB per file) on a "
-          f"{args.large_gib:.0f} GiB data set: about {sample_gib * per_gib:.1f} s; data.verify: full on it: about "
-          f"{args.large_gib * per_gib / 60:.1f} min (extrapolated from the median above)")
-
+    print(json.dumps({
+        "gib": round(gib, 3), "blocks": len(every), "block_mib": BLOCK_BYTES >> 20, "repeats": args.repeats,
+        "block_checksums_s_per_gib": {"min": min(blocks), "median": per_gib},  # data.verify: full
+        "whole_file_sha256_s_per_gib": {"min": min(sha), "median": statistics.median(sha)},  # inspect --verify
+        "extrapolated": {"data_set_gib": args.large_gib, "sample_blocks_per_file": defaults.verify_blocks,
+                         "sample_s_per_file": sample_gib * per_gib, "full_minutes": args.large_gib * per_gib / 60},
+        "date": datetime.date.today().isoformat()}, indent=2))
 
 if __name__ == "__main__":
     main()
