@@ -2,13 +2,16 @@
 asserted), its held-out windows are the trainer's packing, and its per-window losses are the
 model's own per-pass loss and exit-policy loss."""
 
+import json
 import math
 from dataclasses import replace
 
 import pytest
 import torch
 
-from experiments.real_text import ARCHS, FULL, OBJECTIVES, QUICK, K, T, make_run, mean_loss, window_losses, windows
+from experiments.real_text import (ARCHS, FULL, OBJECTIVES, QUICK, K, T, final_runs, make_run, mean_loss, window_losses,
+                                   windows)
+from experiments.real_text_plots import plot_all
 from helpers.models import tiny_model
 from helpers.training import REPO, flatten
 from looplm import LoopLMForCausalLM
@@ -188,11 +191,6 @@ def test_the_plots_draw_from_the_committed_results_file(tmp_path):
     """Every figure of the report is drawn from the committed results file alone (its selection holds
     the objective and length choices beside the LR-selected architectures); the curves plotted are
     those of the final runs, one per seed and architecture."""
-    import json
-
-    from experiments.real_text import final_runs
-    from experiments.real_text_plots import plot_all
-
     results = json.loads((REPO / "experiments" / "results" / "real_text.json").read_text())
     if "test" not in results:
         pytest.skip("the committed results file has no test table yet")
